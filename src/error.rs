@@ -60,6 +60,9 @@ pub enum Error {
     #[error("address {addr:#x} is not aligned to 8 bytes, as 64-bit atomics require")]
     Unaligned { addr: u64 },
 
+    #[error("offset {offset:#x} on node {node} is not aligned to 8 bytes, as 64-bit atomics require")]
+    UnalignedOffset { node: NodeId, offset: u64 },
+
     #[error("segment of node {node} is corrupt: {reason}")]
     Corrupt { node: NodeId, reason: String },
 

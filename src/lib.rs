@@ -1,9 +1,29 @@
-//! meshmem pools the memory of a group of nodes arranged as a 3D mesh into
-//! one global address space.
+//! meshmem pools the memory of a group of node processes arranged as a 3D
+//! mesh into one global address space.
+//!
+//! Each node contributes a segment of memory; one allocator hands out
+//! global addresses whose pages may live on any node; a page table records
+//! where each page lives; transports carry the bytes. On one host the
+//! shared-memory transport maps every page into every process at the same
+//! address, so a [`GlobalAddr`] is a plain pointer there.
+//!
+//! Layers, each knowing only those below it: [`topology`], [`transport`],
+//! [`frames`], [`space`], [`alloc`], [`pool`].
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod alloc;
+pub mod config;
 pub mod error;
+pub mod frames;
+pub mod layout;
+pub mod pool;
+pub mod space;
 pub mod topology;
+pub mod transport;
 
+pub use alloc::{Advice, GlobalAlloc, Placement};
+pub use config::Config;
 pub use error::{Error, Result};
+pub use pool::{GlobalSlice, NodeStats, Pool, PoolAllocator, Stats};
+pub use space::GlobalAddr;
 pub use topology::{Coord, Mesh3d, NodeId};

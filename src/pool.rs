@@ -1,0 +1,599 @@
+//! `Pool`: one node's membership in a group, and the public API.
+//!
+//! A pool owns, for its process: its own segment and a mapping of every
+//! other node's (through the transport), the window reserved at the group's
+//! base, the allocator state, and the control connections of the group.
+//! Lifecycle: `join` creates and initialises this node's segment, meets the
+//! group, maps the window and every segment; `leave` (or drop) unmaps them.
+//! A segment's memory lives until the last process that maps it exits, so a
+//! node may leave while others still read its pages.
+
+use std::alloc::Layout;
+use std::marker::PhantomData;
+use std::ptr::NonNull;
+use std::sync::Arc;
+
+use bytemuck::Pod;
+
+use crate::alloc::{Advice, Freed, GlobalAlloc, Heap, Placement};
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::layout::{hdr, SegmentLayout, Words};
+use crate::space::{GlobalAddr, Pte, Window};
+use crate::topology::{Coord, Mesh3d, NodeId};
+use crate::transport::rendezvous::{self, Group, Hello, PROTOCOL};
+use crate::transport::shm::{Segment, ShmTransport};
+use crate::transport::{Transport, TransportKind};
+
+/// A typed range of pool memory: `len` values of `T` at `addr`.
+#[derive(Debug)]
+pub struct GlobalSlice<T> {
+    addr: GlobalAddr,
+    len: usize,
+    _type: PhantomData<fn() -> T>,
+}
+
+impl<T> Clone for GlobalSlice<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<T> Copy for GlobalSlice<T> {}
+
+impl<T> GlobalSlice<T> {
+    /// Views `len` values of `T` at `addr`. Nothing is checked until the
+    /// slice is used.
+    pub fn from_raw_parts(addr: GlobalAddr, len: usize) -> Self {
+        GlobalSlice { addr, len, _type: PhantomData }
+    }
+
+    pub fn addr(&self) -> GlobalAddr {
+        self.addr
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Size in bytes.
+    pub fn byte_len(&self) -> usize {
+        self.len * std::mem::size_of::<T>()
+    }
+
+    /// Address of element `index`.
+    pub fn at(&self, index: usize) -> GlobalAddr {
+        self.addr.add((index * std::mem::size_of::<T>()) as u64)
+    }
+}
+
+/// One node's capacity, use and traffic.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeStats {
+    pub node: NodeId,
+    pub coord: Coord,
+    pub capacity_bytes: u64,
+    pub used_bytes: u64,
+    pub frames_total: u64,
+    pub frames_used: u64,
+    /// Bytes this node moved to or from itself.
+    pub bytes_local: u64,
+    /// Bytes this node moved to or from other nodes.
+    pub bytes_remote: u64,
+    /// Bytes this node moved, each weighted by its hop distance.
+    pub hop_bytes: u64,
+    /// Address space given up because its arena's extent list was full.
+    pub leaked_pages: u64,
+}
+
+/// Statistics of the whole group, read from every node's segment header.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Stats {
+    pub nodes: Vec<NodeStats>,
+    /// `traffic[src][dst]`: bytes node `src` read from or wrote to `dst`.
+    pub traffic: Vec<Vec<u64>>,
+    /// `operations[src][dst]`: operations node `src` issued to `dst`.
+    pub operations: Vec<Vec<u64>>,
+    /// Sum of bytes times hop distance over every pair.
+    pub hop_bytes: u64,
+    /// The transport each pair of nodes uses.
+    pub transport: TransportKind,
+}
+
+/// One node's membership in a group.
+pub struct Pool {
+    me: NodeId,
+    mesh: Mesh3d,
+    layout: SegmentLayout,
+    group: Group,
+    transport: Arc<ShmTransport>,
+    heap: Heap,
+    window: Window,
+    pids: Vec<u32>,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("node", &self.me)
+            .field("mesh", &self.mesh)
+            .field("group", &self.group.name())
+            .field("window", &format_args!("{:#x}+{:#x}", self.window.base(), self.window.len()))
+            .finish()
+    }
+}
+
+impl Pool {
+    /// Joins the group that `config` describes, and returns once every node
+    /// has joined. Fails naming the field when nodes disagree on the mesh,
+    /// page size, window size or capacity, and naming the base when the
+    /// window cannot be reserved at node 0's base.
+    pub fn join(config: Config) -> Result<Pool> {
+        let resolved = config.resolve()?;
+        let me = NodeId(resolved.rank);
+        let nodes = resolved.size as u64;
+        let layout = SegmentLayout::new(nodes, resolved.page_size, resolved.frame_count, resolved.arena_pages);
+
+        // Our segment is complete before anyone else can see it.
+        let own = Segment::create(me, layout.len)?;
+        // SAFETY: the segment was just created with `layout.len` bytes and no
+        // other process has its descriptor yet.
+        unsafe { layout.initialise(own.as_ptr(), me) };
+
+        let hello = Hello {
+            protocol: PROTOCOL,
+            rank: resolved.rank,
+            size: resolved.size,
+            mesh: resolved.mesh.to_string(),
+            page_size: resolved.page_size,
+            window_size: resolved.window_size,
+            segment_len: layout.len,
+            pid: std::process::id(),
+        };
+        let mut window = None;
+        let joined = rendezvous::join(&resolved.group, &hello, own.fd(), resolved.join_timeout, |base| {
+            let reserved = Window::reserve(base.or(resolved.window_base), resolved.window_size, resolved.page_size)?;
+            let base = reserved.base();
+            window = Some(reserved);
+            Ok(base)
+        })?;
+        let window = window.expect("the rendezvous reserves the window before it succeeds");
+
+        let mut own = Some(own);
+        let mut segments = Vec::with_capacity(nodes as usize);
+        for (rank, fd) in joined.segments.into_iter().enumerate() {
+            let segment = match fd {
+                Some(fd) => Segment::open(fd)?,
+                None => own.take().expect("only our own rank has no descriptor"),
+            };
+            if segment.len() != layout.len {
+                return Err(Error::ConfigMismatch {
+                    node: NodeId(rank as u16),
+                    field: "segment length",
+                    expected: layout.len.to_string(),
+                    found: segment.len().to_string(),
+                });
+            }
+            segments.push(segment);
+        }
+        let transport = Arc::new(ShmTransport::new(me, segments, layout));
+        let words = Words::new(transport.clone(), nodes as usize);
+        for node in resolved.mesh.nodes() {
+            layout.validate(&words, node)?;
+        }
+        let heap = Heap::new(me, resolved.mesh, layout, words, window.base());
+        tracing::info!(
+            node = %me,
+            group = joined.group.name(),
+            mesh = %resolved.mesh,
+            window = format_args!("{:#x}", window.base()),
+            "joined"
+        );
+        Ok(Pool { me, mesh: resolved.mesh, layout, group: joined.group, transport, heap, window, pids: joined.pids })
+    }
+
+    /// Joins with the configuration in the environment ([`Config::from_env`]).
+    pub fn join_from_env() -> Result<Pool> {
+        Pool::join(Config::from_env()?)
+    }
+
+    /// Leaves the group: unmaps the window and every segment. Other nodes
+    /// keep access to this node's pages until they exit.
+    pub fn leave(self) {
+        tracing::info!(node = %self.me, group = self.group.name(), "left");
+    }
+
+    #[inline]
+    pub fn node(&self) -> NodeId {
+        self.me
+    }
+
+    #[inline]
+    pub fn mesh(&self) -> Mesh3d {
+        self.mesh
+    }
+
+    /// Number of nodes in the group.
+    #[inline]
+    pub fn size(&self) -> usize {
+        self.mesh.len()
+    }
+
+    #[inline]
+    pub fn page_size(&self) -> usize {
+        self.layout.page_size as usize
+    }
+
+    /// This node's coordinate in the mesh.
+    pub fn coord(&self) -> Coord {
+        self.mesh.coord(self.me).expect("own id is in the mesh")
+    }
+
+    /// Base address and length of the window.
+    pub fn window(&self) -> (GlobalAddr, u64) {
+        (GlobalAddr(self.window.base()), self.window.len())
+    }
+
+    /// Process ids of the group's node processes, by node id.
+    pub fn pids(&self) -> &[u32] {
+        &self.pids
+    }
+
+    /// The group id.
+    pub fn group(&self) -> &str {
+        self.group.name()
+    }
+
+    /// Bytes of frames each node contributes.
+    pub fn node_capacity(&self) -> u64 {
+        self.layout.frame_count * self.layout.page_size
+    }
+
+    /// Allocates `layout.size()` bytes aligned to `layout.align()`, with
+    /// pages homed where `placement` says.
+    pub fn alloc(&self, layout: Layout, placement: impl Into<Placement>, advice: Advice) -> Result<GlobalAlloc> {
+        let addr = self.heap.alloc(layout, &placement.into(), advice)?;
+        Ok(GlobalAlloc { addr, size: layout.size() })
+    }
+
+    /// Allocates `len` values of `T`.
+    pub fn alloc_slice<T: Pod>(&self, len: usize, placement: impl Into<Placement>) -> Result<GlobalSlice<T>> {
+        let layout = Layout::array::<T>(len).map_err(|_| Error::InvalidLayout {
+            size: usize::MAX,
+            align: std::mem::align_of::<T>(),
+            reason: format!("{len} values of {} bytes overflow the address space", std::mem::size_of::<T>()),
+        })?;
+        let alloc = self.alloc(layout, placement, Advice::None)?;
+        Ok(GlobalSlice::from_raw_parts(alloc.addr, len))
+    }
+
+    /// Frees the allocation that starts at `addr`. Any node may free any
+    /// allocation. Freeing twice, freeing an address `alloc` did not return,
+    /// or an address of another pool fails and changes nothing.
+    pub fn free(&self, addr: GlobalAddr) -> Result<()> {
+        self.window.check(addr.0, 1).map_err(|_| Error::InvalidFree {
+            addr: addr.0,
+            reason: format!(
+                "it is outside this pool's window {:#x}..{:#x}",
+                self.window.base(),
+                self.window.base() + self.window.len()
+            ),
+        })?;
+        if let Freed::Pages { first_page, pages } = self.heap.free(addr.0)? {
+            self.window.unmap_run(first_page, pages);
+        }
+        Ok(())
+    }
+
+    /// Translates `addr` to its home node and the offset in that node's
+    /// segment, checking that its page is allocated.
+    #[inline]
+    fn translate(&self, addr: u64) -> Result<(NodeId, u64, Pte)> {
+        let page = self.window.page_of(addr);
+        let pte = self.heap.table.load_pte(page)?;
+        if !pte.is_valid() {
+            return Err(Error::InvalidAddress {
+                addr,
+                end: addr + 1,
+                reason: "its page is not allocated".into(),
+            });
+        }
+        let offset = self.layout.frame_offset(pte.frame()) + (addr - self.window.page_addr(page));
+        Ok((pte.home(), offset, pte))
+    }
+
+    /// Splits `len` bytes at `addr` into per-page pieces and applies `op` to
+    /// each with its home, segment offset and position in the range.
+    #[inline]
+    fn for_each_piece(
+        &self,
+        addr: GlobalAddr,
+        len: usize,
+        mut op: impl FnMut(NodeId, u64, std::ops::Range<usize>) -> Result<()>,
+    ) -> Result<()> {
+        self.window.check(addr.0, len as u64)?;
+        let page_size = self.layout.page_size;
+        let mut done = 0usize;
+        while done < len {
+            let at = addr.0 + done as u64;
+            let in_page = (page_size - at % page_size).min((len - done) as u64) as usize;
+            let (home, offset, _) = self.translate(at).map_err(|e| match e {
+                Error::InvalidAddress { reason, .. } => {
+                    Error::InvalidAddress { addr: addr.0, end: addr.0 + len as u64, reason: format!("at {at:#x}: {reason}") }
+                }
+                other => other,
+            })?;
+            op(home, offset, done..done + in_page)?;
+            done += in_page;
+        }
+        Ok(())
+    }
+
+    /// Copies `dst.len()` bytes from pool memory at `addr` (a one-sided get).
+    pub fn read(&self, addr: GlobalAddr, dst: &mut [u8]) -> Result<()> {
+        let len = dst.len();
+        self.for_each_piece(addr, len, |home, offset, range| self.transport.read(home, offset, &mut dst[range]))
+    }
+
+    /// Copies `src` into pool memory at `addr` (a one-sided put).
+    pub fn write(&self, addr: GlobalAddr, src: &[u8]) -> Result<()> {
+        self.for_each_piece(addr, src.len(), |home, offset, range| self.transport.write(home, offset, &src[range]))
+    }
+
+    /// Reads `dst.len()` values of `T` from `addr`.
+    pub fn read_slice<T: Pod>(&self, addr: GlobalAddr, dst: &mut [T]) -> Result<()> {
+        self.read(addr, bytemuck::cast_slice_mut(dst))
+    }
+
+    /// Writes `src` at `addr`.
+    pub fn write_slice<T: Pod>(&self, addr: GlobalAddr, src: &[T]) -> Result<()> {
+        self.write(addr, bytemuck::cast_slice(src))
+    }
+
+    fn atomic_target(&self, addr: GlobalAddr) -> Result<(NodeId, u64)> {
+        if addr.0 % 8 != 0 {
+            return Err(Error::Unaligned { addr: addr.0 });
+        }
+        self.window.check(addr.0, 8)?;
+        let (home, offset, _) = self.translate(addr.0)?;
+        Ok((home, offset))
+    }
+
+    /// Adds `value` to the 64-bit word at `addr` and returns its old value.
+    pub fn fetch_add_u64(&self, addr: GlobalAddr, value: u64) -> Result<u64> {
+        let (home, offset) = self.atomic_target(addr)?;
+        self.transport.fetch_add_u64(home, offset, value)
+    }
+
+    /// Replaces the word at `addr` with `new` if it holds `current`:
+    /// `Ok(Ok(previous))` on success, `Ok(Err(actual))` otherwise.
+    pub fn compare_exchange_u64(
+        &self,
+        addr: GlobalAddr,
+        current: u64,
+        new: u64,
+    ) -> Result<std::result::Result<u64, u64>> {
+        let (home, offset) = self.atomic_target(addr)?;
+        let previous = self.transport.compare_exchange_u64(home, offset, current, new)?;
+        Ok(if previous == current { Ok(previous) } else { Err(previous) })
+    }
+
+    /// Waits until every operation this node issued is complete and visible
+    /// to all nodes.
+    pub fn quiet(&self) -> Result<()> {
+        self.transport.quiet()
+    }
+
+    /// Maps every page of `len` bytes at `addr` into this process, so that
+    /// `addr` can be used as a plain pointer, and returns it.
+    ///
+    /// The pointer stays valid until the allocation is freed by any node.
+    /// Other nodes may write the same bytes at any time: synchronise with
+    /// atomics placed in pool memory, a barrier, or `quiet` and a flag.
+    pub fn local_ptr(&self, addr: GlobalAddr, len: usize) -> Result<NonNull<u8>> {
+        self.ensure_mapped(addr, len.max(1))?;
+        NonNull::new(addr.as_ptr()).ok_or(Error::InvalidAddress { addr: 0, end: len as u64, reason: "null".into() })
+    }
+
+    /// Borrows a slice of pool memory.
+    ///
+    /// # Safety
+    ///
+    /// No node may write the range while the slice lives, and the allocation
+    /// must not be freed while it lives.
+    pub unsafe fn as_slice<T: Pod>(&self, slice: GlobalSlice<T>) -> Result<&[T]> {
+        self.check_typed(slice)?;
+        let ptr = self.local_ptr(slice.addr, slice.byte_len())?;
+        // SAFETY: the pages are mapped, the address is aligned for `T`
+        // (checked), `T: Pod` accepts any bytes, and the caller rules out
+        // writers and frees for the lifetime of the borrow.
+        Ok(unsafe { std::slice::from_raw_parts(ptr.as_ptr().cast::<T>(), slice.len) })
+    }
+
+    /// Borrows a slice of pool memory mutably.
+    ///
+    /// # Safety
+    ///
+    /// No other reference to the range may exist on any node while the slice
+    /// lives, and the allocation must not be freed while it lives.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn as_mut_slice<T: Pod>(&self, slice: GlobalSlice<T>) -> Result<&mut [T]> {
+        self.check_typed(slice)?;
+        let ptr = self.local_ptr(slice.addr, slice.byte_len())?;
+        // SAFETY: as in `as_slice`, with exclusivity guaranteed by the caller.
+        Ok(unsafe { std::slice::from_raw_parts_mut(ptr.as_ptr().cast::<T>(), slice.len) })
+    }
+
+    fn check_typed<T>(&self, slice: GlobalSlice<T>) -> Result<()> {
+        if slice.addr.0 % std::mem::align_of::<T>() as u64 != 0 {
+            return Err(Error::InvalidAddress {
+                addr: slice.addr.0,
+                end: slice.addr.0 + slice.byte_len() as u64,
+                reason: format!("it is not aligned to {} bytes", std::mem::align_of::<T>()),
+            });
+        }
+        Ok(())
+    }
+
+    /// Maps the pages of a range that this process has not mapped, or that
+    /// changed home or frame since it mapped them.
+    pub fn ensure_mapped(&self, addr: GlobalAddr, len: usize) -> Result<()> {
+        self.window.check(addr.0, len as u64)?;
+        let first = self.window.page_of(addr.0);
+        let last = self.window.page_of(addr.0 + len as u64 - 1);
+        let mut page = first;
+        while page <= last {
+            let pte = self.heap.table.load_pte(page)?;
+            if !pte.is_valid() {
+                return Err(Error::InvalidAddress {
+                    addr: addr.0,
+                    end: addr.0 + len as u64,
+                    reason: format!("page at {:#x} is not allocated", self.window.page_addr(page)),
+                });
+            }
+            if self.window.is_mapped(page, pte.mapping_key()) {
+                page += 1;
+                continue;
+            }
+
+            // Gather a run of pages whose frames are consecutive on one home,
+            // so that one mmap covers it.
+            let mut keys = vec![pte.mapping_key()];
+            while page + (keys.len() as u64) <= last {
+                let next = self.heap.table.load_pte(page + keys.len() as u64)?;
+                let consecutive = next.is_valid()
+                    && next.home() == pte.home()
+                    && next.frame() as u64 == pte.frame() as u64 + keys.len() as u64;
+                if !consecutive || self.window.is_mapped(page + keys.len() as u64, next.mapping_key()) {
+                    break;
+                }
+                keys.push(next.mapping_key());
+            }
+            let fd = self.transport.mappable_fd(pte.home()).ok_or_else(|| Error::Transport {
+                node: pte.home(),
+                reason: "its segment cannot be mapped into this process".into(),
+                source: None,
+            })?;
+            self.window.map_run(page, fd, self.layout.frame_offset(pte.frame()), &keys)?;
+            page += keys.len() as u64;
+        }
+        Ok(())
+    }
+
+    /// Home node of the page that holds `addr`.
+    pub fn home_of(&self, addr: GlobalAddr) -> Result<NodeId> {
+        self.window.check(addr.0, 1)?;
+        Ok(self.translate(addr.0)?.0)
+    }
+
+    /// Waits until every node of the group has called `barrier`.
+    pub fn barrier(&self) -> Result<()> {
+        self.quiet()?;
+        self.group.all_gather("barrier", &[]).map(|_| ())
+    }
+
+    /// Returns `root`'s `data` at every node.
+    pub fn broadcast(&self, root: NodeId, data: &[u8]) -> Result<Vec<u8>> {
+        self.mesh.check(root)?;
+        let mine = if self.me == root { data } else { &[] };
+        let mut parts = self.group.all_gather("broadcast", mine)?;
+        Ok(std::mem::take(&mut parts[root.index()]))
+    }
+
+    /// Returns every node's `data`, by node id, at every node.
+    pub fn all_gather(&self, data: &[u8]) -> Result<Vec<Vec<u8>>> {
+        self.group.all_gather("all_gather", data)
+    }
+
+    /// Reads every node's capacity, use and traffic counters.
+    pub fn stats(&self) -> Result<Stats> {
+        let words = &self.heap.words;
+        let n = self.size();
+        let mut traffic = vec![vec![0u64; n]; n];
+        let mut operations = vec![vec![0u64; n]; n];
+        let mut nodes = Vec::with_capacity(n);
+        let mut total_hop_bytes = 0;
+        for src in self.mesh.nodes() {
+            let mut hop_bytes = 0;
+            for dst in self.mesh.nodes() {
+                let bytes = words.load(src, self.layout.traffic_bytes(dst))?;
+                traffic[src.index()][dst.index()] = bytes;
+                operations[src.index()][dst.index()] = words.load(src, self.layout.traffic_ops(dst))?;
+                hop_bytes += bytes * self.mesh.hops(src, dst)? as u64;
+            }
+            total_hop_bytes += hop_bytes;
+            let free = words.load(src, hdr::FREE_FRAMES)?;
+            let frames_used = self.layout.frame_count - free;
+            let row = &traffic[src.index()];
+            nodes.push(NodeStats {
+                node: src,
+                coord: self.mesh.coord(src)?,
+                capacity_bytes: self.node_capacity(),
+                used_bytes: frames_used * self.layout.page_size,
+                frames_total: self.layout.frame_count,
+                frames_used,
+                bytes_local: row[src.index()],
+                bytes_remote: row.iter().sum::<u64>() - row[src.index()],
+                hop_bytes,
+                leaked_pages: words.load(src, hdr::LEAKED_PAGES)?,
+            });
+        }
+        Ok(Stats { nodes, traffic, operations, hop_bytes: total_hop_bytes, transport: self.transport.kind() })
+    }
+
+    /// Checks every node's free map against its counter.
+    pub fn validate(&self) -> Result<()> {
+        self.mesh.nodes().try_for_each(|node| self.heap.frames.validate(node))
+    }
+
+    /// An [`allocator_api2::alloc::Allocator`] that places with `placement`:
+    /// `Vec::new_in(pool.on(NodeId(3)))`.
+    pub fn on(&self, placement: impl Into<Placement>) -> PoolAllocator<'_> {
+        PoolAllocator { pool: self, placement: placement.into() }
+    }
+}
+
+/// Allocates from a pool with a fixed placement, for collections:
+/// `allocator_api2::vec::Vec::new_in(pool.on(NodeId(3)))`.
+#[derive(Clone, Debug)]
+pub struct PoolAllocator<'a> {
+    pool: &'a Pool,
+    placement: Placement,
+}
+
+// SAFETY: blocks come from `Pool::alloc`, stay valid until `deallocate`
+// frees them, are mapped into this process before they are returned, and a
+// clone of the handle frees through the same pool.
+unsafe impl allocator_api2::alloc::Allocator for PoolAllocator<'_> {
+    fn allocate(&self, layout: Layout) -> std::result::Result<NonNull<[u8]>, allocator_api2::alloc::AllocError> {
+        let layout = if layout.size() == 0 {
+            // Collections ask for zero bytes; give them the smallest block.
+            Layout::from_size_align(1, layout.align()).map_err(|_| allocator_api2::alloc::AllocError)?
+        } else {
+            layout
+        };
+        let alloc = self
+            .pool
+            .alloc(layout, self.placement.clone(), Advice::None)
+            .map_err(|_| allocator_api2::alloc::AllocError)?;
+        match self.pool.local_ptr(alloc.addr, layout.size()) {
+            Ok(ptr) => Ok(NonNull::slice_from_raw_parts(ptr, layout.size())),
+            Err(_) => {
+                self.pool.free(alloc.addr).ok();
+                Err(allocator_api2::alloc::AllocError)
+            }
+        }
+    }
+
+    unsafe fn deallocate(&self, ptr: NonNull<u8>, _layout: Layout) {
+        if let Err(e) = self.pool.free(GlobalAddr(ptr.as_ptr() as u64)) {
+            // `deallocate` cannot fail; a bad pointer here is the caller's
+            // bug, reported once in the log rather than by a panic.
+            tracing::error!(node = %self.pool.me, "freeing {:p} from a pool allocator failed: {e}", ptr);
+        }
+    }
+}

@@ -1,0 +1,535 @@
+//! The window, the page table and translation.
+//!
+//! The window is one range of virtual addresses reserved `PROT_NONE` at the
+//! same base in every process of a host, so a [`GlobalAddr`] is a real
+//! pointer in each of them. It is split into one arena per node: node `n`
+//! hands out addresses only from arena `n`, so nodes never contend for
+//! address space, while the pages of an allocation may live anywhere.
+//!
+//! Each page of an arena has a page-table entry in the segment of the node
+//! that owns the arena: a [`Pte`] word (valid bit, home node, frame, advice,
+//! version) and an [`Aux`] word that records which allocation the page
+//! belongs to. Leaves of the table sit at fixed offsets in the segment, so a
+//! translation is one atomic load; the segment is sparse, so only leaves
+//! that were touched take memory.
+//!
+//! A process maps a page by mapping the home node's segment at the frame's
+//! offset onto the page's address (`MAP_SHARED | MAP_FIXED`); the CPU then
+//! translates. Pages are mapped lazily, when an API call first needs them.
+//! Each process remembers, per page, the entry it mapped; a page whose entry
+//! changed since (freed and reused, or moved) is mapped again.
+
+use std::fmt;
+use std::os::fd::RawFd;
+use std::ptr;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::error::{Error, Result};
+use crate::layout::{SegmentLayout, Words, LEAF_PAGES};
+use crate::topology::NodeId;
+
+/// A byte address in the global window; a valid pointer in every process of
+/// the host once its page is mapped.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[repr(transparent)]
+pub struct GlobalAddr(pub u64);
+
+impl GlobalAddr {
+    #[inline]
+    pub fn add(self, bytes: u64) -> GlobalAddr {
+        GlobalAddr(self.0 + bytes)
+    }
+
+    #[inline]
+    pub fn as_ptr<T>(self) -> *mut T {
+        self.0 as usize as *mut T
+    }
+}
+
+impl fmt::Debug for GlobalAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "GlobalAddr({:#x})", self.0)
+    }
+}
+
+impl fmt::Display for GlobalAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:#x}", self.0)
+    }
+}
+
+/// A page-table entry.
+///
+/// ```text
+/// 63      valid
+/// 53..63  version, bumped whenever the page is (re)assigned a frame
+/// 52      migrating
+/// 48..52  advice bits
+/// 32..48  home node
+///  0..32  frame index in the home node's segment
+/// ```
+#[derive(Clone, Copy, PartialEq, Eq, Default)]
+pub struct Pte(pub u64);
+
+impl Pte {
+    const VALID: u64 = 1 << 63;
+    const VERSION_SHIFT: u32 = 53;
+    const VERSION_MASK: u64 = 0x3ff;
+    const ADVICE_SHIFT: u32 = 48;
+    const ADVICE_MASK: u64 = 0xf;
+
+    pub fn new(home: NodeId, frame: u32, version: u64, advice: u8) -> Pte {
+        Pte(Self::VALID
+            | ((version & Self::VERSION_MASK) << Self::VERSION_SHIFT)
+            | ((advice as u64 & Self::ADVICE_MASK) << Self::ADVICE_SHIFT)
+            | ((home.0 as u64) << 32)
+            | frame as u64)
+    }
+
+    #[inline]
+    pub fn is_valid(self) -> bool {
+        self.0 & Self::VALID != 0
+    }
+
+    #[inline]
+    pub fn home(self) -> NodeId {
+        NodeId((self.0 >> 32) as u16)
+    }
+
+    #[inline]
+    pub fn frame(self) -> u32 {
+        self.0 as u32
+    }
+
+    #[inline]
+    pub fn version(self) -> u64 {
+        (self.0 >> Self::VERSION_SHIFT) & Self::VERSION_MASK
+    }
+
+    #[inline]
+    pub fn advice(self) -> u8 {
+        ((self.0 >> Self::ADVICE_SHIFT) & Self::ADVICE_MASK) as u8
+    }
+
+    /// The entry with its valid bit cleared, keeping the version so that the
+    /// next assignment gets a new one.
+    pub fn invalidated(self) -> Pte {
+        Pte(self.0 & !Self::VALID)
+    }
+
+    /// What a process's mapping depends on: validity, home, frame, version.
+    #[inline]
+    pub fn mapping_key(self) -> u64 {
+        self.0 & !(Self::ADVICE_MASK << Self::ADVICE_SHIFT)
+    }
+}
+
+impl fmt::Debug for Pte {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.is_valid() {
+            write!(f, "Pte(home {}, frame {}, v{})", self.home(), self.frame(), self.version())
+        } else {
+            write!(f, "Pte(invalid, v{})", self.version())
+        }
+    }
+}
+
+/// What a page belongs to, kept beside its entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Aux {
+    /// Not allocated.
+    Free,
+    /// First page of a large allocation of `pages` pages.
+    Head { pages: u32 },
+    /// Page `index` (from 1) of a large allocation.
+    Tail { index: u32 },
+    /// A slab page of small blocks of size class `class`.
+    Slab { class: u8 },
+    /// The first page of a large allocation that was freed; kept until the
+    /// address space is reused, so that a second free is reported as such.
+    FreedHead,
+}
+
+impl Aux {
+    const KIND_SHIFT: u32 = 62;
+    const FREED: u64 = 1 << 61;
+
+    pub fn encode(self) -> u64 {
+        match self {
+            Aux::Free => 0,
+            Aux::FreedHead => Self::FREED,
+            Aux::Head { pages } => (1 << Self::KIND_SHIFT) | pages as u64,
+            Aux::Tail { index } => (2 << Self::KIND_SHIFT) | index as u64,
+            Aux::Slab { class } => (3 << Self::KIND_SHIFT) | class as u64,
+        }
+    }
+
+    pub fn decode(word: u64) -> Aux {
+        let low = word as u32;
+        match word >> Self::KIND_SHIFT {
+            0 if word & Self::FREED != 0 => Aux::FreedHead,
+            0 => Aux::Free,
+            1 => Aux::Head { pages: low },
+            2 => Aux::Tail { index: low },
+            _ => Aux::Slab { class: low as u8 },
+        }
+    }
+}
+
+/// The page table of the whole window, spread over the nodes' segments.
+#[derive(Clone)]
+pub struct PageTable {
+    words: Words,
+    layout: SegmentLayout,
+    nodes: u64,
+}
+
+impl PageTable {
+    pub fn new(words: Words, layout: SegmentLayout, nodes: u64) -> Self {
+        PageTable { words, layout, nodes }
+    }
+
+    pub fn words(&self) -> &Words {
+        &self.words
+    }
+
+    /// The node whose arena holds global page `page`, and the page's index
+    /// in that arena.
+    #[inline]
+    pub fn owner(&self, page: u64) -> Option<(NodeId, u64)> {
+        let node = page / self.layout.arena_pages;
+        (node < self.nodes).then(|| (NodeId(node as u16), page % self.layout.arena_pages))
+    }
+
+    #[inline]
+    fn entry_offset(&self, page: u64) -> Result<(NodeId, u64)> {
+        let (node, index) = self.owner(page).ok_or_else(|| Error::InvalidAddress {
+            addr: page,
+            end: page,
+            reason: format!("page {page} is beyond the last arena"),
+        })?;
+        Ok((node, self.layout.leaves + index * 16))
+    }
+
+    /// Loads the entry and the allocation record of global page `page`.
+    #[inline]
+    pub fn load(&self, page: u64) -> Result<(Pte, Aux)> {
+        let (node, offset) = self.entry_offset(page)?;
+        let pte = Pte(self.words.load(node, offset)?);
+        let aux = Aux::decode(self.words.load(node, offset + 8)?);
+        Ok((pte, aux))
+    }
+
+    #[inline]
+    pub fn load_pte(&self, page: u64) -> Result<Pte> {
+        let (node, offset) = self.entry_offset(page)?;
+        Ok(Pte(self.words.load(node, offset)?))
+    }
+
+    /// Stores the allocation record, then the entry. Readers that see the new
+    /// entry see the record too.
+    pub fn store(&self, page: u64, pte: Pte, aux: Aux) -> Result<()> {
+        let (node, offset) = self.entry_offset(page)?;
+        let index = page % self.layout.arena_pages;
+        let leaf_word = self.layout.directory + (index / LEAF_PAGES) * 8;
+        if self.words.load(node, leaf_word)? == 0 {
+            self.words.store(node, leaf_word, 1)?;
+        }
+        self.words.store(node, offset + 8, aux.encode())?;
+        self.words.store(node, offset, pte.0)
+    }
+
+    /// Replaces the entry if it still is `current`.
+    pub fn compare_exchange(&self, page: u64, current: Pte, new: Pte) -> Result<std::result::Result<Pte, Pte>> {
+        let (node, offset) = self.entry_offset(page)?;
+        Ok(self.words.compare_exchange(node, offset, current.0, new.0)?.map(Pte).map_err(Pte))
+    }
+
+    /// Number of page-table leaves in use on `node`.
+    pub fn leaves_in_use(&self, node: NodeId) -> Result<u64> {
+        let leaves = self.layout.arena_pages.div_ceil(LEAF_PAGES);
+        let mut used = 0;
+        for leaf in 0..leaves {
+            used += (self.words.load(node, self.layout.directory + leaf * 8)? != 0) as u64;
+        }
+        Ok(used)
+    }
+}
+
+/// The window reserved in this process, and which pages this process mapped.
+pub struct Window {
+    base: u64,
+    len: u64,
+    page_size: u64,
+    /// Per page of the window, the [`Pte::mapping_key`] this process mapped,
+    /// or 0. An anonymous `MAP_NORESERVE` array, so untouched parts cost no
+    /// memory; atomics, because a fault handler may update it.
+    mapped: *mut AtomicU64,
+    mapped_len: usize,
+}
+
+// SAFETY: the window reservation and the `mapped` array live until `Drop`;
+// `mapped` is only touched through atomics.
+unsafe impl Send for Window {}
+// SAFETY: as above.
+unsafe impl Sync for Window {}
+
+impl Window {
+    /// Reserves `len` bytes of address space, `PROT_NONE`, aligned to
+    /// `page_size`: anywhere when `base` is `None`, else exactly at `base`
+    /// with `MAP_FIXED_NOREPLACE` (never over an existing mapping).
+    pub fn reserve(base: Option<u64>, len: u64, page_size: u64) -> Result<Window> {
+        let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+        let base = match base {
+            Some(base) => {
+                if base % page_size != 0 {
+                    return Err(Error::WindowUnavailable {
+                        base,
+                        len,
+                        source: std::io::Error::new(
+                            std::io::ErrorKind::InvalidInput,
+                            format!("the base is not aligned to the page size of {page_size} bytes"),
+                        ),
+                    });
+                }
+                // SAFETY: MAP_FIXED_NOREPLACE never replaces an existing
+                // mapping; it fails with EEXIST instead.
+                let got = unsafe {
+                    libc::mmap(base as *mut _, len as usize, libc::PROT_NONE, flags | libc::MAP_FIXED_NOREPLACE, -1, 0)
+                };
+                if got == libc::MAP_FAILED {
+                    return Err(Error::WindowUnavailable { base, len, source: std::io::Error::last_os_error() });
+                }
+                if got as u64 != base {
+                    // Kernels before 4.17 ignore MAP_FIXED_NOREPLACE and treat the
+                    // address as a hint.
+                    // SAFETY: unmapping the range this call just mapped.
+                    unsafe { libc::munmap(got, len as usize) };
+                    return Err(Error::WindowUnavailable {
+                        base,
+                        len,
+                        source: std::io::Error::from_raw_os_error(libc::EEXIST),
+                    });
+                }
+                base
+            }
+            None => {
+                let padded = len + page_size;
+                // SAFETY: a fresh reservation placed by the kernel.
+                let got = unsafe { libc::mmap(ptr::null_mut(), padded as usize, libc::PROT_NONE, flags, -1, 0) };
+                if got == libc::MAP_FAILED {
+                    return Err(Error::WindowUnavailable { base: 0, len, source: std::io::Error::last_os_error() });
+                }
+                let start = got as u64;
+                let aligned = start.div_ceil(page_size) * page_size;
+                // SAFETY: trimming the unaligned head and the tail of the
+                // reservation this call just made; both lie inside it.
+                unsafe {
+                    if aligned > start {
+                        libc::munmap(got, (aligned - start) as usize);
+                    }
+                    let end = start + padded;
+                    let tail = end - (aligned + len);
+                    if tail > 0 {
+                        libc::munmap((aligned + len) as *mut _, tail as usize);
+                    }
+                }
+                aligned
+            }
+        };
+
+        let pages = (len / page_size) as usize;
+        let mapped_len = pages * std::mem::size_of::<AtomicU64>();
+        // SAFETY: a fresh private anonymous mapping placed by the kernel.
+        let mapped = unsafe {
+            libc::mmap(ptr::null_mut(), mapped_len.max(1), libc::PROT_READ | libc::PROT_WRITE, flags, -1, 0)
+        };
+        if mapped == libc::MAP_FAILED {
+            let source = std::io::Error::last_os_error();
+            // SAFETY: releasing the reservation made above.
+            unsafe { libc::munmap(base as *mut _, len as usize) };
+            return Err(Error::os(format!("mmap of the {mapped_len}-byte mapping table"), source));
+        }
+        Ok(Window { base, len, page_size, mapped: mapped.cast(), mapped_len: mapped_len.max(1) })
+    }
+
+    #[inline]
+    pub fn base(&self) -> u64 {
+        self.base
+    }
+
+    #[inline]
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    #[inline]
+    pub fn page_size(&self) -> u64 {
+        self.page_size
+    }
+
+    /// Global page index of `addr`, which must be inside the window.
+    #[inline]
+    pub fn page_of(&self, addr: u64) -> u64 {
+        (addr - self.base) / self.page_size
+    }
+
+    #[inline]
+    pub fn page_addr(&self, page: u64) -> u64 {
+        self.base + page * self.page_size
+    }
+
+    /// Checks that `len` bytes at `addr` lie inside the window.
+    #[inline]
+    pub fn check(&self, addr: u64, len: u64) -> Result<()> {
+        let end = addr.checked_add(len);
+        match end {
+            Some(end) if addr >= self.base && end <= self.base + self.len => Ok(()),
+            _ => Err(Error::InvalidAddress {
+                addr,
+                end: end.unwrap_or(u64::MAX),
+                reason: format!(
+                    "outside this pool's window {:#x}..{:#x}",
+                    self.base,
+                    self.base + self.len
+                ),
+            }),
+        }
+    }
+
+    #[inline]
+    fn mapped_slot(&self, page: u64) -> &AtomicU64 {
+        debug_assert!((page as usize) < self.mapped_len / 8);
+        // SAFETY: `page` is a page of the window (callers check the address),
+        // so the slot lies inside the `mapped` array, which lives as long as
+        // `self`.
+        unsafe { &*self.mapped.add(page as usize) }
+    }
+
+    /// Maps `pages` consecutive pages starting at `page` onto `fd` at
+    /// `offset`, read-write and shared, and records `keys` as mapped.
+    pub fn map_run(&self, page: u64, fd: RawFd, offset: u64, keys: &[u64]) -> Result<()> {
+        let addr = self.page_addr(page);
+        let len = keys.len() as u64 * self.page_size;
+        // SAFETY: the range is inside our own window reservation (the caller
+        // translated it from page-table entries of this window), which no
+        // other code maps; replacing it with MAP_FIXED is what the window is
+        // reserved for.
+        let got = unsafe {
+            libc::mmap(
+                addr as *mut _,
+                len as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_FIXED,
+                fd,
+                offset as libc::off_t,
+            )
+        };
+        if got == libc::MAP_FAILED {
+            return Err(Error::os(
+                format!("mapping {len:#x} bytes at {addr:#x} onto segment offset {offset:#x}"),
+                std::io::Error::last_os_error(),
+            ));
+        }
+        for (i, &key) in keys.iter().enumerate() {
+            // Release: pairs with the Acquire in `is_mapped`, so a thread that
+            // sees the key also sees the mapping.
+            self.mapped_slot(page + i as u64).store(key, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    /// Returns `pages` pages starting at `page` to `PROT_NONE` in this process.
+    pub fn unmap_run(&self, page: u64, pages: u64) {
+        let addr = self.page_addr(page);
+        for i in 0..pages {
+            self.mapped_slot(page + i).store(0, Ordering::Release);
+        }
+        // SAFETY: as in `map_run`; the replacement is the same reservation the
+        // window started with.
+        let got = unsafe {
+            libc::mmap(
+                addr as *mut _,
+                (pages * self.page_size) as usize,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED,
+                -1,
+                0,
+            )
+        };
+        // NOTE: a failure here (only ENOMEM from the mapping count limit) leaves
+        // the old frame mapped in this process; the page table no longer
+        // points at it, and the next `ensure_mapped` replaces it.
+        if got == libc::MAP_FAILED {
+            tracing::warn!(addr = format_args!("{addr:#x}"), pages, "unmapping freed pages failed: {}", std::io::Error::last_os_error());
+        }
+    }
+
+    /// Whether this process has `key` mapped at `page`.
+    #[inline]
+    pub fn is_mapped(&self, page: u64, key: u64) -> bool {
+        self.mapped_slot(page).load(Ordering::Acquire) == key
+    }
+}
+
+impl Drop for Window {
+    fn drop(&mut self) {
+        // SAFETY: both ranges are the reservations made in `reserve`. munmap
+        // of a range we own fails only on invalid arguments, which these are
+        // not; the address space is released at exit either way.
+        unsafe {
+            libc::munmap(self.base as *mut _, self.len as usize);
+            libc::munmap(self.mapped.cast(), self.mapped_len);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pte_fields_round_trip() {
+        let pte = Pte::new(NodeId(513), 0xdead_beef, 1023, 0b1010);
+        assert!(pte.is_valid());
+        assert_eq!(pte.home(), NodeId(513));
+        assert_eq!(pte.frame(), 0xdead_beef);
+        assert_eq!(pte.version(), 1023);
+        assert_eq!(pte.advice(), 0b1010);
+        let gone = pte.invalidated();
+        assert!(!gone.is_valid());
+        assert_eq!(gone.version(), 1023);
+        assert_ne!(gone.mapping_key(), pte.mapping_key());
+    }
+
+    #[test]
+    fn aux_round_trips() {
+        for aux in [Aux::Free, Aux::FreedHead, Aux::Head { pages: 7 }, Aux::Tail { index: 3 }, Aux::Slab { class: 5 }] {
+            assert_eq!(Aux::decode(aux.encode()), aux);
+        }
+    }
+
+    #[test]
+    fn window_at_occupied_base_is_rejected() {
+        let first = Window::reserve(None, 64 << 20, 2 << 20).unwrap();
+        assert_eq!(first.base() % (2 << 20), 0);
+        let err = Window::reserve(Some(first.base()), 64 << 20, 2 << 20).err().unwrap();
+        assert!(matches!(err, Error::WindowUnavailable { .. }), "{err}");
+        let text = err.to_string();
+        assert!(text.contains(&format!("{:#x}", first.base())), "{text}");
+        assert!(text.contains(&format!("{:#x}", 64u64 << 20)), "{text}");
+    }
+
+    #[test]
+    fn window_checks_ranges() {
+        let window = Window::reserve(None, 8 << 20, 2 << 20).unwrap();
+        assert!(window.check(window.base(), 8 << 20).is_ok());
+        assert!(window.check(window.base() + 1, 8 << 20).is_err());
+        assert!(window.check(window.base() - 1, 1).is_err());
+        assert!(window.check(u64::MAX, 2).is_err());
+    }
+}

@@ -1,0 +1,156 @@
+//! A pool of one node in this process: allocation, access, frees and the
+//! errors of bad input.
+
+use std::alloc::Layout;
+
+use meshmem::{Advice, Config, Error, GlobalAddr, NodeId, Placement, Pool};
+
+const PAGE: usize = 64 << 10;
+
+fn pool() -> Pool {
+    Pool::join(Config {
+        page_size: PAGE,
+        node_capacity: 64 * PAGE as u64,
+        window_size: 1 << 30,
+        ..Config::default()
+    })
+    .unwrap()
+}
+
+#[test]
+fn large_alloc_write_read_free() {
+    let pool = pool();
+    let alloc = pool.alloc(Layout::from_size_align(3 * PAGE + 5, 8).unwrap(), Placement::Local, Advice::None).unwrap();
+    assert_eq!(alloc.addr.0 % PAGE as u64, 0);
+    let data: Vec<u8> = (0..alloc.size).map(|i| (i * 7) as u8).collect();
+    pool.write(alloc.addr, &data).unwrap();
+    let mut back = vec![0u8; alloc.size];
+    pool.read(alloc.addr, &mut back).unwrap();
+    assert_eq!(back, data);
+
+    // The same bytes through the window.
+    let ptr = pool.local_ptr(alloc.addr, alloc.size).unwrap();
+    assert_eq!(ptr.as_ptr() as u64, alloc.addr.0);
+    // SAFETY: the range is mapped and nothing else writes it.
+    let view = unsafe { std::slice::from_raw_parts(ptr.as_ptr(), alloc.size) };
+    assert_eq!(view, &data[..]);
+
+    assert_eq!(pool.stats().unwrap().nodes[0].frames_used, 4);
+    pool.free(alloc.addr).unwrap();
+    assert_eq!(pool.stats().unwrap().nodes[0].frames_used, 0);
+    pool.validate().unwrap();
+}
+
+#[test]
+fn small_allocs_are_distinct_and_freeable() {
+    let pool = pool();
+    let mut addrs = Vec::new();
+    for i in 0..1000u64 {
+        let a = pool.alloc(Layout::from_size_align(24, 8).unwrap(), Placement::Local, Advice::None).unwrap();
+        pool.write(a.addr, &i.to_le_bytes()).unwrap();
+        addrs.push(a.addr);
+    }
+    let mut sorted = addrs.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(sorted.len(), addrs.len());
+    for (i, addr) in addrs.iter().enumerate() {
+        let mut word = [0u8; 8];
+        pool.read(*addr, &mut word).unwrap();
+        assert_eq!(u64::from_le_bytes(word), i as u64);
+        assert_eq!(addr.0 % 32, 0);
+    }
+    for addr in &addrs {
+        pool.free(*addr).unwrap();
+    }
+    let err = pool.free(addrs[3]).unwrap_err();
+    assert!(matches!(err, Error::DoubleFree { .. }), "{err}");
+}
+
+#[test]
+fn double_free_is_rejected_and_changes_nothing() {
+    let pool = pool();
+    let a = pool.alloc(Layout::from_size_align(PAGE, 8).unwrap(), Placement::Local, Advice::None).unwrap();
+    let b = pool.alloc(Layout::from_size_align(PAGE, 8).unwrap(), Placement::Local, Advice::None).unwrap();
+    pool.free(a.addr).unwrap();
+    let before = pool.stats().unwrap();
+    let err = pool.free(a.addr).unwrap_err();
+    assert!(matches!(err, Error::DoubleFree { .. }), "{err}");
+    assert!(err.to_string().contains(&format!("{:#x}", a.addr.0)), "{err}");
+    assert_eq!(pool.stats().unwrap().nodes, before.nodes);
+    pool.free(b.addr).unwrap();
+}
+
+#[test]
+fn foreign_and_interior_frees_are_rejected() {
+    let pool = pool();
+    let a = pool.alloc(Layout::from_size_align(2 * PAGE, 8).unwrap(), Placement::Local, Advice::None).unwrap();
+    let err = pool.free(a.addr.add(PAGE as u64)).unwrap_err();
+    assert!(matches!(err, Error::InvalidFree { .. }), "{err}");
+    assert!(err.to_string().contains(&format!("starts at {:#x}", a.addr.0)), "{err}");
+    let err = pool.free(a.addr.add(8)).unwrap_err();
+    assert!(matches!(err, Error::InvalidFree { .. }), "{err}");
+    let local = Box::new(5u64);
+    let err = pool.free(GlobalAddr(&*local as *const u64 as u64)).unwrap_err();
+    assert!(err.to_string().contains("outside this pool's window"), "{err}");
+    let (base, len) = pool.window();
+    let err = pool.free(base.add(len / 2)).unwrap_err();
+    assert!(err.to_string().contains("no allocation covers it"), "{err}");
+    let other = self::pool();
+    let err = other.free(a.addr).unwrap_err();
+    assert!(matches!(err, Error::InvalidFree { .. }), "{err}");
+    pool.free(a.addr).unwrap();
+}
+
+#[test]
+fn bad_layouts_are_rejected() {
+    let pool = pool();
+    let err = pool.alloc(Layout::from_size_align(0, 8).unwrap(), Placement::Local, Advice::None).unwrap_err();
+    assert!(matches!(err, Error::InvalidLayout { size: 0, .. }), "{err}");
+    let err = pool.alloc(Layout::from_size_align(8, 2 * PAGE).unwrap(), Placement::Local, Advice::None).unwrap_err();
+    assert!(matches!(err, Error::InvalidLayout { .. }), "{err}");
+    assert!(err.to_string().contains(&(2 * PAGE).to_string()), "{err}");
+    assert_eq!(pool.stats().unwrap().nodes[0].frames_used, 0);
+}
+
+#[test]
+fn out_of_memory_names_node_request_and_free() {
+    let pool = pool();
+    let keep = pool.alloc(Layout::from_size_align(60 * PAGE, 8).unwrap(), Placement::Local, Advice::None).unwrap();
+    let err = pool.alloc(Layout::from_size_align(8 * PAGE, 8).unwrap(), Placement::Node(NodeId(0)), Advice::None).unwrap_err();
+    match &err {
+        Error::OutOfMemory { node, requested, free } => {
+            assert_eq!(*node, NodeId(0));
+            assert_eq!(*requested, 8 * PAGE as u64);
+            assert_eq!(*free, 4 * PAGE as u64);
+        }
+        other => panic!("expected OutOfMemory, got {other}"),
+    }
+    assert_eq!(pool.stats().unwrap().nodes[0].frames_used, 60);
+    pool.free(keep.addr).unwrap();
+}
+
+#[test]
+fn placement_outside_mesh_is_rejected() {
+    let pool = pool();
+    let err = pool.alloc(Layout::from_size_align(8, 8).unwrap(), Placement::Node(NodeId(3)), Advice::None).unwrap_err();
+    assert!(matches!(err, Error::NodeOutOfRange { node: 3, .. }), "{err}");
+}
+
+#[test]
+fn allocator_api_backs_a_vec() {
+    let pool = pool();
+    let before = pool.stats().unwrap().nodes[0].frames_used;
+    let mut v = allocator_api2::vec::Vec::new_in(pool.on(NodeId(0)));
+    for i in 0..100_000u32 {
+        v.push(i);
+    }
+    let peak = pool.stats().unwrap().nodes[0].frames_used;
+    assert!(peak >= before + 400_000 / PAGE as u64, "{before} -> {peak}");
+    assert_eq!(v.iter().map(|&x| x as u64).sum::<u64>(), 99_999 * 100_000 / 2);
+    let addr = v.as_ptr() as u64;
+    assert_eq!(pool.home_of(GlobalAddr(addr)).unwrap(), NodeId(0));
+    drop(v);
+    let after = pool.stats().unwrap().nodes[0].frames_used;
+    assert!(after + 400_000 / PAGE as u64 <= peak, "peak {peak}, after {after}");
+}
