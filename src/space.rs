@@ -314,6 +314,14 @@ impl Window {
                 base
             }
             None => {
+                // Try fixed candidates first: far below where the kernel puts
+                // libraries and mappings, so the peers are likely to have
+                // the same range free.
+                for candidate in Self::candidates(len) {
+                    if let Ok(window) = Self::reserve(Some(candidate), len, page_size) {
+                        return Ok(window);
+                    }
+                }
                 let padded = len + page_size;
                 // SAFETY: a fresh reservation placed by the kernel.
                 let got = unsafe { libc::mmap(ptr::null_mut(), padded as usize, libc::PROT_NONE, flags, -1, 0) };
@@ -351,6 +359,17 @@ impl Window {
             return Err(Error::os(format!("mmap of the {mapped_len}-byte mapping table"), source));
         }
         Ok(Window { base, len, page_size, mapped: mapped.cast(), mapped_len: mapped_len.max(1) })
+    }
+
+    /// Bases node 0 tries before it lets the kernel choose: every 1 TiB from
+    /// 16 TiB up to 64 TiB. On x86-64 and Arm64 with 47- or 48-bit user
+    /// addresses, executables sit near 0x5555_5555_0000 (85 TiB) and the
+    /// kernel places mappings top-down from near 128 TiB, so this range is
+    /// normally empty in every process.
+    fn candidates(len: u64) -> impl Iterator<Item = u64> {
+        const TIB: u64 = 1 << 40;
+        let step = len.div_ceil(TIB).max(1) * TIB;
+        (0..).map(move |i| 16 * TIB + i * step).take_while(move |&base| base + len <= 64 * TIB)
     }
 
     #[inline]

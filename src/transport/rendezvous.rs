@@ -104,7 +104,7 @@ pub fn join(
     reserve_window: impl FnOnce(Option<u64>) -> Result<u64>,
 ) -> Result<Joined> {
     if hello.rank == 0 {
-        serve(group, hello, timeout, reserve_window)
+        serve(group, hello, segment, timeout, reserve_window)
     } else {
         connect(group, hello, segment, timeout, reserve_window)
     }
@@ -113,6 +113,7 @@ pub fn join(
 fn serve(
     group: &str,
     hello: &Hello,
+    segment: BorrowedFd<'_>,
     timeout: Duration,
     reserve_window: impl FnOnce(Option<u64>) -> Result<u64>,
 ) -> Result<Joined> {
@@ -151,6 +152,7 @@ fn serve(
                         let reason = format!("two processes joined as node {rank}; give each process its own RANK");
                         send_message(&stream, &Message::Reject { reason: reason.clone() }).ok();
                         reject_all(&mut streams, &reason);
+                        reject_latecomers(&listener, size - joined - 1, deadline, &reason);
                         return Err(join_error(group, reason, None));
                     }
                     pids[rank] = peer.pid;
@@ -162,6 +164,8 @@ fn serve(
                     let reason = e.to_string();
                     send_message(&stream, &Message::Reject { reason: reason.clone() }).ok();
                     reject_all(&mut streams, &reason);
+                    let waiting = size - joined - 1;
+                    reject_latecomers(&listener, waiting, deadline, &reason);
                     return Err(e);
                 }
             }
@@ -182,7 +186,7 @@ fn serve(
             .filter(|&r| r != rank)
             .map(|r| match &segments[r] {
                 Some(fd) => fd.as_raw_fd(),
-                None => -1,
+                None => segment.as_raw_fd(),
             })
             .collect();
         let welcome = Message::Welcome { window_base, pids: pids.clone() };
@@ -284,6 +288,24 @@ pub fn check_hello(ours: &Hello, theirs: &Hello) -> Result<()> {
         return mismatch("node capacity (segment length)", ours.segment_len.to_string(), theirs.segment_len.to_string());
     }
     Ok(())
+}
+
+/// Tells up to `count` nodes that have yet to connect why the join failed,
+/// so that every node reports the same reason. Waits a few seconds at most.
+fn reject_latecomers(listener: &OwnedFd, count: usize, deadline: Instant, reason: &str) {
+    let deadline = deadline.min(Instant::now() + Duration::from_secs(5));
+    for _ in 0..count {
+        match accept_until(listener, deadline) {
+            Ok(stream) => {
+                // Take its hello first, so that it is reading when the
+                // rejection arrives rather than writing into a closed socket.
+                stream.set_read_timeout(Some(Duration::from_secs(1))).ok();
+                let _ = recv_fds(&stream, 1).and_then(|_| recv_message(&stream));
+                send_message(&stream, &Message::Reject { reason: reason.to_string() }).ok();
+            }
+            Err(_) => return,
+        }
+    }
 }
 
 fn reject_all(streams: &mut [Option<UnixStream>], reason: &str) {

@@ -1,0 +1,302 @@
+//! Groups of real node processes on the shared-memory backend.
+//!
+//! Each test starts copies of this test binary as node processes, filtered
+//! to `node_process`, with the rank, size, mesh and group in the environment
+//! as the launcher sets them, and a scenario name saying what to do. The
+//! parent reaps every child, also when an assertion fails.
+
+use std::alloc::Layout;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use meshmem::{Advice, Config, Coord, Error, GlobalAddr, GlobalSlice, NodeId, Placement, Pool};
+
+const SCENARIO: &str = "MESHMEM_TEST_SCENARIO";
+
+/// Kills and reaps the children it holds when dropped.
+struct Children(Vec<Option<Child>>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for child in self.0.iter_mut().flatten() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Runs `scenario` on a group of `mesh`, with `extra(rank)` added to each
+/// node's environment, and returns each node's output.
+fn run_group(scenario: &str, mesh: &str, extra: impl Fn(usize) -> Vec<(String, String)>) -> Vec<Output> {
+    let nodes: usize = mesh.split('x').map(|d| d.parse::<usize>().unwrap()).product();
+    let group = format!("test-{scenario}-{}-{}", std::process::id(), unique());
+    let exe = std::env::current_exe().unwrap();
+    let mut children = Children(Vec::new());
+    for rank in 0..nodes {
+        let mut command = Command::new(&exe);
+        command
+            .args(["--exact", "node_process", "--nocapture", "--test-threads=1"])
+            .env(SCENARIO, scenario)
+            .env("RANK", rank.to_string())
+            .env("WORLD_SIZE", nodes.to_string())
+            .env("MESHMEM_MESH", mesh)
+            .env("MESHMEM_GROUP", &group)
+            .env("MESHMEM_JOIN_TIMEOUT_MS", "20000")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (key, value) in extra(rank) {
+            command.env(key, value);
+        }
+        children.0.push(Some(command.spawn().unwrap()));
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut outputs = Vec::new();
+    for slot in children.0.iter_mut() {
+        let mut child = slot.take().unwrap();
+        while child.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        outputs.push(child.wait_with_output().unwrap());
+    }
+    outputs
+}
+
+fn unique() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+fn text(output: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr))
+}
+
+fn assert_all_passed(outputs: &[Output]) {
+    for (rank, output) in outputs.iter().enumerate() {
+        assert!(output.status.success(), "node {rank} failed:\n{}", text(output));
+        assert!(text(output).contains("scenario done"), "node {rank} did not finish:\n{}", text(output));
+    }
+}
+
+/// The body of every node process; a no-op in the ordinary test run.
+#[test]
+fn node_process() {
+    let Ok(scenario) = std::env::var(SCENARIO) else { return };
+    match scenario.as_str() {
+        "exchange" => exchange(),
+        "placements" => placements(),
+        "join_fails" => join_fails(),
+        other => panic!("unknown scenario {other}"),
+    }
+    println!("scenario done");
+}
+
+fn exchange() {
+    let pool = Pool::join(Config::from_env().unwrap()).unwrap();
+    let me = pool.node();
+    let n = pool.size() as u16;
+    let next = NodeId((me.0 + 1) % n);
+
+    // Every node fills a slice homed on its neighbour, and a small block.
+    let slice: GlobalSlice<u64> = pool.alloc_slice(100_000, Placement::Node(next)).unwrap();
+    assert_eq!(pool.home_of(slice.addr()).unwrap(), next);
+    let values: Vec<u64> = (0..slice.len() as u64).map(|i| (me.0 as u64) << 32 | i).collect();
+    pool.write_slice(slice.addr(), &values).unwrap();
+    let small = pool.alloc(Layout::new::<[u64; 2]>(), Placement::Node(next), Advice::None).unwrap();
+    pool.write_slice(small.addr, &[me.0 as u64 * 10, 7u64]).unwrap();
+
+    // Node 0 owns a counter that everyone increments remotely.
+    let counter = if me.0 == 0 { pool.alloc_slice::<u64>(1, Placement::Local).unwrap().addr() } else { GlobalAddr(0) };
+    let counter = GlobalAddr(u64::from_le_bytes(pool.broadcast(NodeId(0), &counter.0.to_le_bytes()).unwrap().try_into().unwrap()));
+
+    let mine = [slice.addr().0, small.addr.0].map(u64::to_le_bytes).concat();
+    pool.quiet().unwrap();
+    let all = pool.all_gather(&mine).unwrap();
+    for _ in 0..100 {
+        pool.fetch_add_u64(counter, 1).unwrap();
+    }
+
+    for (owner, bytes) in all.iter().enumerate() {
+        let words: Vec<u64> = bytes.chunks(8).map(|c| u64::from_le_bytes(c.try_into().unwrap())).collect();
+        let (big, little) = (GlobalAddr(words[0]), GlobalAddr(words[1]));
+
+        // Through the API.
+        let mut back = vec![0u64; 100_000];
+        pool.read_slice(big, &mut back).unwrap();
+        assert!(back.iter().enumerate().all(|(i, &v)| v == (owner as u64) << 32 | i as u64), "node {owner}'s slice");
+
+        // Through raw pointers: the global address is the pointer.
+        let ptr = pool.local_ptr(big, 100_000 * 8).unwrap();
+        assert_eq!(ptr.as_ptr() as u64, big.0);
+        // SAFETY: mapped above; its writer finished before the all-gather.
+        let raw = unsafe { std::slice::from_raw_parts(big.0 as *const u64, 100_000) };
+        assert_eq!(raw[99_999], (owner as u64) << 32 | 99_999);
+        pool.local_ptr(little, 16).unwrap();
+        // SAFETY: as above.
+        let pair = unsafe { std::slice::from_raw_parts(little.0 as *const u64, 2) };
+        assert_eq!(pair, [owner as u64 * 10, 7]);
+    }
+
+    // A store through a raw pointer is seen by the others after quiet and a barrier.
+    let flags: GlobalSlice<u64> = if me.0 == 0 { pool.alloc_slice(n as usize, Placement::Node(NodeId(n - 1))).unwrap() } else { GlobalSlice::from_raw_parts(GlobalAddr(0), 0) };
+    let flags_addr = GlobalAddr(u64::from_le_bytes(pool.broadcast(NodeId(0), &flags.addr().0.to_le_bytes()).unwrap().try_into().unwrap()));
+    let flag = pool.local_ptr(flags_addr.add(me.0 as u64 * 8), 8).unwrap();
+    // SAFETY: each node stores only to its own aligned word of the array.
+    unsafe { (flag.as_ptr() as *mut u64).write_volatile(1000 + me.0 as u64) };
+    pool.quiet().unwrap();
+    pool.barrier().unwrap();
+    let mut seen = vec![0u64; n as usize];
+    pool.read_slice(flags_addr, &mut seen).unwrap();
+    assert_eq!(seen, (0..n as u64).map(|i| 1000 + i).collect::<Vec<_>>());
+
+    let mut total = [0u64];
+    pool.barrier().unwrap();
+    pool.read_slice(counter, &mut total).unwrap();
+    assert_eq!(total[0], 100 * n as u64);
+
+    // Each node frees what its previous neighbour allocated: remote frees.
+    let prev = all[((me.0 + n - 1) % n) as usize].chunks(8).map(|c| u64::from_le_bytes(c.try_into().unwrap())).collect::<Vec<_>>();
+    pool.barrier().unwrap();
+    pool.free(GlobalAddr(prev[0])).unwrap();
+    pool.free(GlobalAddr(prev[1])).unwrap();
+    pool.barrier().unwrap();
+    let err = pool.free(GlobalAddr(prev[0])).unwrap_err();
+    assert!(matches!(err, Error::DoubleFree { .. }), "{err}");
+    if me.0 == 0 {
+        pool.free(counter).unwrap();
+        pool.free(flags_addr).unwrap();
+    }
+    pool.barrier().unwrap();
+
+    let stats = pool.stats().unwrap();
+    let large_frames: u64 = stats.nodes.iter().map(|s| s.frames_used).sum();
+    // Only slab pages stay: one per node for the pairs, one for the counter
+    // and one for the flags.
+    assert_eq!(large_frames, n as u64 + 2, "frames still used");
+    assert!(stats.nodes[me.index()].bytes_remote > 0);
+    assert!(stats.hop_bytes > 0);
+    pool.validate().unwrap();
+    pool.barrier().unwrap();
+}
+
+fn placements() {
+    let pool = Pool::join(Config::from_env().unwrap()).unwrap();
+    let me = pool.node();
+    let page = pool.page_size();
+    if me.0 == 0 {
+        // Interleave stripes pages over the named nodes.
+        let nodes = vec![NodeId(1), NodeId(2), NodeId(3)];
+        let a = pool.alloc(Layout::from_size_align(6 * page, 8).unwrap(), Placement::Interleave { nodes, pages_per_stripe: 2 }, Advice::None).unwrap();
+        let homes: Vec<NodeId> = (0..6).map(|i| pool.home_of(a.addr.add((i * page) as u64)).unwrap()).collect();
+        let mut counts = [0; 4];
+        for h in &homes {
+            counts[h.index()] += 1;
+        }
+        assert_eq!(counts, [0, 2, 2, 2], "{homes:?}");
+        pool.free(a.addr).unwrap();
+
+        // Nearest spills to the next-nearest node when the nearest is full.
+        let capacity = (pool.node_capacity() / page as u64) as usize;
+        let fill = pool.alloc(Layout::from_size_align(capacity * page, 8).unwrap(), Placement::Node(NodeId(3)), Advice::None).unwrap();
+        let near = pool.alloc(Layout::from_size_align(2 * page, 8).unwrap(), Placement::Nearest(Coord::new(1, 1, 0)), Advice::None).unwrap();
+        let spill_home = pool.home_of(near.addr).unwrap();
+        assert_eq!(pool.mesh().hops(NodeId(3), spill_home).unwrap(), 1, "spilled to {spill_home}");
+        let err = pool.alloc(Layout::from_size_align(page, 8).unwrap(), Placement::Node(NodeId(3)), Advice::None).unwrap_err();
+        assert!(matches!(err, Error::OutOfMemory { node: NodeId(3), free: 0, .. }), "{err}");
+        pool.free(fill.addr).unwrap();
+        pool.free(near.addr).unwrap();
+
+        // Balanced goes to the node with the most free frames.
+        let hog = pool.alloc(Layout::from_size_align(4 * page, 8).unwrap(), Placement::Node(NodeId(0)), Advice::None).unwrap();
+        let b = pool.alloc(Layout::from_size_align(page, 8).unwrap(), Placement::Balanced, Advice::None).unwrap();
+        assert_eq!(pool.home_of(b.addr).unwrap(), NodeId(1));
+        pool.free(hog.addr).unwrap();
+        pool.free(b.addr).unwrap();
+        pool.validate().unwrap();
+    }
+    pool.barrier().unwrap();
+}
+
+fn join_fails() {
+    // Stand in for a library that mapped something where the window goes.
+    if let Ok(at) = std::env::var("MESHMEM_TEST_OCCUPY") {
+        let at = u64::from_str_radix(at.trim_start_matches("0x"), 16).unwrap();
+        // SAFETY: MAP_FIXED_NOREPLACE maps only if the range is free.
+        let got = unsafe {
+            libc::mmap(at as *mut _, 4096, libc::PROT_READ, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE, -1, 0)
+        };
+        assert_eq!(got as u64, at, "could not occupy {at:#x}");
+    }
+    match Pool::join(Config::from_env().unwrap()) {
+        Ok(_) => panic!("join succeeded"),
+        Err(e) => {
+            println!("join error: {e}");
+            println!("scenario done");
+            std::process::exit(0);
+        }
+    }
+}
+
+#[test]
+fn four_nodes_share_memory() {
+    assert_all_passed(&run_group("exchange", "2x2x1", |_| vec![]));
+}
+
+#[test]
+fn eight_nodes_share_memory() {
+    assert_all_passed(&run_group("exchange", "2x2x2", |_| vec![]));
+}
+
+#[test]
+fn placements_across_nodes() {
+    let small = |_| vec![("MESHMEM_PAGE_SIZE".into(), "64K".into()), ("MESHMEM_NODE_CAPACITY".into(), "1M".into())];
+    assert_all_passed(&run_group("placements", "2x2x1", small));
+}
+
+#[test]
+fn page_size_mismatch_fails_join() {
+    let outputs = run_group("join_fails", "2x1x1", |rank| {
+        vec![("MESHMEM_PAGE_SIZE".into(), if rank == 1 { "64K" } else { "2M" }.into())]
+    });
+    for (rank, output) in outputs.iter().enumerate() {
+        let out = text(output);
+        assert!(out.contains("join error"), "node {rank}: {out}");
+        assert!(out.contains("page size") && out.contains("65536") && out.contains("2097152"), "node {rank}: {out}");
+    }
+}
+
+#[test]
+fn mesh_mismatch_fails_join() {
+    let outputs = run_group("join_fails", "2x2x1", |rank| {
+        if rank == 2 { vec![("MESHMEM_MESH".into(), "4x1x1".into())] } else { vec![] }
+    });
+    for (rank, output) in outputs.iter().enumerate() {
+        let out = text(output);
+        assert!(out.contains("join error"), "node {rank}: {out}");
+        assert!(out.contains("mesh") && out.contains("4x1x1") && out.contains("2x2x1"), "node {rank}: {out}");
+    }
+}
+
+#[test]
+fn occupied_window_base_fails_join() {
+    // Node 0 reserves at a fixed base; node 1 already has a mapping there.
+    let base = 0x5a00_0000_0000u64;
+    let outputs = run_group("join_fails", "2x1x1", |rank| {
+        let mut env = vec![
+            ("MESHMEM_WINDOW_BASE".into(), format!("{base:#x}")),
+            ("MESHMEM_WINDOW_SIZE".into(), "4G".into()),
+        ];
+        if rank == 1 {
+            env.push(("MESHMEM_TEST_OCCUPY".into(), format!("{:#x}", base + (1 << 30))));
+        }
+        env
+    });
+    for (rank, output) in outputs.iter().enumerate() {
+        let out = text(output);
+        assert!(out.contains("join error"), "node {rank}: {out}");
+        assert!(out.contains(&format!("{base:#x}")), "node {rank}: {out}");
+    }
+}
