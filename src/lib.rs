@@ -3,6 +3,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod error;
+pub mod launch;
 pub mod topology;
 
 pub use error::{Error, Result};
