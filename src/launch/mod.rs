@@ -23,10 +23,10 @@
 //! `/dev/null`, because a background process group that reads the terminal
 //! would be stopped by SIGTTIN.
 //!
-//! Every node asks the kernel for SIGKILL when the launcher dies
-//! (`PR_SET_PDEATHSIG`), so not even a SIGKILL of the launcher leaves nodes
-//! running. The kernel sends that signal when the thread that started the
-//! node exits, which is why [`launch`] starts and waits in the calling thread.
+//! Every node sets `PR_SET_PDEATHSIG` to SIGKILL before `exec`, so the
+//! kernel kills the node when the launcher dies, even by SIGKILL. The
+//! kernel sends that signal when the thread that started the node exits,
+//! which is why [`launch`] starts and waits in the calling thread.
 //!
 //! NOTE: processes that a node starts do not inherit that setting. When the
 //! launcher is killed with SIGKILL, a node's own children outlive it;
@@ -146,21 +146,30 @@ impl LaunchReport {
         self.cause.is_none() && self.nodes.iter().all(|n| n.exit.success())
     }
 
+    /// Returns the node that stopped the run, or else the first node that
+    /// did not exit 0.
+    pub fn failed_node(&self) -> Option<&NodeReport> {
+        match self.cause {
+            Some(StopCause::NodeFailed(node)) => self.nodes.iter().find(|n| n.node == node),
+            Some(StopCause::Signal(_)) => None,
+            None => self.nodes.iter().find(|n| !n.exit.success()),
+        }
+    }
+
     /// Returns the report when every node exited 0, or the error that names
     /// the node or signal that ended the run.
     pub fn into_result(self) -> Result<Self> {
-        match self.cause {
-            Some(StopCause::NodeFailed(node)) => {
-                let report = &self.nodes[node.index()];
-                Err(Error::NodeFailed { node, coord: report.coord, exit: report.exit })
-            }
-            Some(StopCause::Signal(signal)) => Err(Error::Interrupted { signal }),
-            None => match self.nodes.iter().find(|n| !n.exit.success()) {
-                // Unreachable in practice: the watcher records the first
-                // failing node as the cause.
-                Some(n) => Err(Error::NodeFailed { node: n.node, coord: n.coord, exit: n.exit }),
-                None => Ok(self),
-            },
+        if let Some(StopCause::Signal(signal)) = self.cause {
+            return Err(Error::Interrupted { signal });
+        }
+        match self.failed_node() {
+            Some(n) => Err(Error::NodeFailed { node: n.node, coord: n.coord, exit: n.exit }),
+            None if self.success() => Ok(self),
+            // Only a report built by hand can name a node it does not list.
+            None => Err(Error::Launch {
+                reason: format!("the report names a failed node that is not among its {} nodes", self.nodes.len()),
+                source: None,
+            }),
         }
     }
 
@@ -170,21 +179,19 @@ impl LaunchReport {
         let nodes = self.nodes.len();
         let seconds = self.elapsed.as_secs_f64();
         let mesh = self.mesh;
-        match self.cause {
+        if let Some(StopCause::Signal(signal)) = self.cause {
+            let signal = signal_name(signal);
+            return format!("received {signal}; stopped all {nodes} nodes of mesh {mesh} after {seconds:.2} s");
+        }
+        match self.failed_node() {
             None if self.success() => format!("{nodes} nodes of mesh {mesh} exited 0 in {seconds:.2} s"),
-            None => format!("{nodes} nodes of mesh {mesh} ran for {seconds:.2} s; some failed"),
-            Some(StopCause::NodeFailed(node)) => {
-                let failed = &self.nodes[node.index()];
-                format!(
-                    "node {node} {} {}; stopped the other {} nodes of mesh {mesh} after {seconds:.2} s",
-                    failed.coord,
-                    failed.exit,
-                    nodes - 1
-                )
-            }
-            Some(StopCause::Signal(signal)) => format!(
-                "received {}; stopped all {nodes} nodes of mesh {mesh} after {seconds:.2} s",
-                signal_name(signal)
+            None => format!("{nodes} nodes of mesh {mesh} did not all exit 0; the run took {seconds:.2} s"),
+            Some(failed) => format!(
+                "node {} {} {}; stopped the other {} nodes of mesh {mesh} after {seconds:.2} s",
+                failed.node,
+                failed.coord,
+                failed.exit,
+                nodes.saturating_sub(1)
             ),
         }
     }
@@ -469,6 +476,7 @@ fn start_node(
 /// run, if anything did.
 fn watch(nodes: &mut [RunningNode], grace: Duration, signals: &SignalPipe) -> Option<StopCause> {
     let mut cause = None;
+    // None until a stop begins, and also when `grace` is too long to add.
     let mut kill_at: Option<Instant> = None;
     let mut killed = false;
 
@@ -487,7 +495,7 @@ fn watch(nodes: &mut [RunningNode], grace: Duration, signals: &SignalPipe) -> Op
                 tracing::warn!(%node, %coord, %exit, "node failed; stopping the others");
                 cause = Some(StopCause::NodeFailed(node));
                 signal_all(nodes, Signal::SIGTERM);
-                kill_at = Some(Instant::now() + grace);
+                kill_at = deadline_after(grace);
             }
         }
         if all_reaped {
@@ -509,13 +517,19 @@ fn watch(nodes: &mut [RunningNode], grace: Duration, signals: &SignalPipe) -> Op
             tracing::warn!(%signal, "launcher received a signal; forwarding it to the nodes");
             cause = Some(StopCause::Signal(received));
             signal_all(nodes, signal);
-            kill_at = Some(Instant::now() + grace);
+            kill_at = deadline_after(grace);
         } else if !killed {
             tracing::warn!(%signal, "launcher received another signal while stopping; sending SIGKILL");
             signal_all(nodes, Signal::SIGKILL);
             killed = true;
         }
     }
+}
+
+/// Returns when a grace period that starts now ends, or `None` when it is
+/// too long to represent, which means SIGKILL is never sent.
+fn deadline_after(grace: Duration) -> Option<Instant> {
+    Instant::now().checked_add(grace)
 }
 
 /// Sends `signal` to the process group of every node, reaped or not, so that
@@ -529,9 +543,9 @@ fn signal_all(nodes: &[RunningNode], signal: Signal) {
 /// Stops the started nodes, as after a failure, and reaps them.
 fn stop(nodes: &mut [RunningNode], signal: Signal, grace: Duration, signals: &SignalPipe) {
     signal_all(nodes, signal);
-    let kill_at = Instant::now() + grace;
+    let kill_at = deadline_after(grace);
     while !nodes.iter_mut().all(|n| n.try_reap()) {
-        if Instant::now() >= kill_at {
+        if kill_at.is_some_and(|at| Instant::now() >= at) {
             signal_all(nodes, Signal::SIGKILL);
             for node in nodes.iter_mut() {
                 if node.exit.is_none() {
@@ -561,9 +575,9 @@ fn clean_up_groups(nodes: &[RunningNode], grace: Duration) {
         tracing::info!(node = %node.node, pgid = %node.group(), "stopping processes the node left behind");
         node.signal_group(Signal::SIGTERM);
     }
-    let kill_at = Instant::now() + grace;
+    let kill_at = deadline_after(grace);
     while !groups_with_live_members(&leftovers).is_empty() {
-        if Instant::now() >= kill_at {
+        if kill_at.is_some_and(|at| Instant::now() >= at) {
             for node in &leftovers {
                 node.signal_group(Signal::SIGKILL);
             }
@@ -746,5 +760,20 @@ mod tests {
         let err = stopped.into_result().unwrap_err();
         assert!(matches!(err, Error::Interrupted { signal } if signal == libc::SIGTERM));
         assert!(err.to_string().contains("SIGTERM"), "{err}");
+    }
+
+    #[test]
+    fn report_with_foreign_cause_does_not_panic() {
+        let failed = report(&[NodeExit::Code(0)], Some(StopCause::NodeFailed(NodeId(9))));
+        assert!(failed.failed_node().is_none());
+        assert!(!failed.success());
+        assert!(failed.summary().contains("did not all exit 0"), "{}", failed.summary());
+        assert!(failed.into_result().is_err());
+    }
+
+    #[test]
+    fn huge_grace_has_no_deadline() {
+        assert!(deadline_after(Duration::MAX).is_none());
+        assert!(deadline_after(Duration::from_secs(1)).is_some());
     }
 }
