@@ -2,7 +2,9 @@
 //! and the limit it broke, and keeps the OS error as its source.
 
 use std::io;
+use std::path::PathBuf;
 
+use crate::launch::{signal_name, NodeExit};
 use crate::topology::{Coord, Mesh3d, NodeId};
 
 /// Result with the crate's [`Error`].
@@ -74,6 +76,15 @@ pub enum Error {
 
     #[error("launch failed: {reason}")]
     Launch { reason: String, #[source] source: Option<io::Error> },
+
+    #[error("cannot start node {node} {coord} as `{}`: {source}; check that it is a program for this machine and that process limits allow another process", program.display())]
+    Spawn { node: NodeId, coord: Coord, program: PathBuf, #[source] source: io::Error },
+
+    #[error("node {node} {coord} {exit}")]
+    NodeFailed { node: NodeId, coord: Coord, exit: NodeExit },
+
+    #[error("the launcher received {}; every node was stopped", signal_name(*signal))]
+    Interrupted { signal: i32 },
 
     #[error("{what} failed: {source}")]
     Os { what: String, #[source] source: io::Error },

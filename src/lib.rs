@@ -15,6 +15,7 @@ pub mod alloc;
 pub mod config;
 pub mod error;
 pub mod frames;
+pub mod launch;
 pub mod layout;
 pub mod pool;
 pub mod space;
