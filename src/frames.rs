@@ -184,3 +184,87 @@ mod tests {
         assert_eq!(lowest_zero_bits(0, 100), u64::MAX);
     }
 }
+
+#[cfg(test)]
+mod model_tests {
+    use std::collections::BTreeSet;
+    use std::sync::Arc;
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::transport::shm::{Segment, ShmTransport};
+
+    /// Two initialised segments of `frames` frames in this process.
+    pub(crate) fn two_nodes(frames: u64) -> (Frames, Words) {
+        let layout = SegmentLayout::new(2, 4096, frames, 64);
+        let segments: Vec<Segment> = (0..2)
+            .map(|n| {
+                let segment = Segment::create(NodeId(n), layout.len).unwrap();
+                // SAFETY: fresh segment of `layout.len` bytes, private to this test.
+                unsafe { layout.initialise(segment.as_ptr(), NodeId(n)) };
+                segment
+            })
+            .collect();
+        let words = Words::new(Arc::new(ShmTransport::new(NodeId(0), segments, layout)), 2);
+        (Frames::new(words.clone(), layout), words)
+    }
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Take { node: u16, count: u64 },
+        Release { node: u16, pick: usize },
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (0u16..2, 1u64..40).prop_map(|(node, count)| Op::Take { node, count }),
+            (0u16..2, any::<usize>()).prop_map(|(node, pick)| Op::Release { node, pick }),
+        ]
+    }
+
+    proptest! {
+        /// The free map and counter agree with a set of used frames per node.
+        #[test]
+        fn frames_match_model(ops in prop::collection::vec(op(), 1..60)) {
+            let (frames, _) = two_nodes(100);
+            let mut model: [BTreeSet<u32>; 2] = Default::default();
+            for op in ops {
+                match op {
+                    Op::Take { node, count } => {
+                        let used = &mut model[node as usize];
+                        let free = 100 - used.len() as u64;
+                        match frames.take(NodeId(node), count) {
+                            Ok(taken) => {
+                                prop_assert!(count <= free);
+                                prop_assert_eq!(taken.len() as u64, count);
+                                for f in taken {
+                                    prop_assert!(used.insert(f), "frame {} handed out twice", f);
+                                }
+                            }
+                            Err(Error::OutOfMemory { requested, free: reported, .. }) => {
+                                prop_assert!(count > free);
+                                prop_assert_eq!(requested, count * 4096);
+                                prop_assert_eq!(reported, free * 4096);
+                            }
+                            Err(e) => prop_assert!(false, "{}", e),
+                        }
+                    }
+                    Op::Release { node, pick } => {
+                        let used = &mut model[node as usize];
+                        if let Some(&f) = used.iter().nth(pick % used.len().max(1)) {
+                            frames.release(NodeId(node), &[f]).unwrap();
+                            used.remove(&f);
+                            // A second release is corruption and changes nothing.
+                            prop_assert!(frames.release(NodeId(node), &[f]).is_err());
+                        }
+                    }
+                }
+                for node in 0..2u16 {
+                    prop_assert_eq!(frames.free_frames(NodeId(node)).unwrap(), 100 - model[node as usize].len() as u64);
+                    frames.validate(NodeId(node)).unwrap();
+                }
+            }
+        }
+    }
+}

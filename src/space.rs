@@ -552,3 +552,60 @@ mod tests {
         assert!(window.check(u64::MAX, 2).is_err());
     }
 }
+
+#[cfg(test)]
+mod model_tests {
+    use std::collections::HashMap;
+    use std::sync::Arc;
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::transport::shm::{Segment, ShmTransport};
+
+    fn table(arena_pages: u64) -> PageTable {
+        let layout = SegmentLayout::new(3, 4096, 8, arena_pages);
+        let segments: Vec<Segment> = (0..3)
+            .map(|n| {
+                let segment = Segment::create(NodeId(n), layout.len).unwrap();
+                // SAFETY: fresh segment of `layout.len` bytes, private to this test.
+                unsafe { layout.initialise(segment.as_ptr(), NodeId(n)) };
+                segment
+            })
+            .collect();
+        let words = Words::new(Arc::new(ShmTransport::new(NodeId(1), segments, layout)), 3);
+        PageTable::new(words, layout, 3)
+    }
+
+    proptest! {
+        /// The table returns what was stored last, and nothing else, for
+        /// pages spread over every node's arena and several leaves.
+        #[test]
+        fn page_table_matches_model(
+            ops in prop::collection::vec((0u64..3 * 2000, any::<u16>(), any::<u32>(), 0u64..1024, 0u8..4), 1..200)
+        ) {
+            let table = table(2000);
+            let mut model: HashMap<u64, (Pte, Aux)> = HashMap::new();
+            for (page, home, frame, version, kind) in ops {
+                let pte = Pte::new(NodeId(home), frame, version, kind);
+                let aux = match kind {
+                    0 => Aux::Head { pages: frame },
+                    1 => Aux::Tail { index: frame },
+                    2 => Aux::Slab { class: frame as u8 },
+                    _ => Aux::FreedHead,
+                };
+                table.store(page, pte, aux).unwrap();
+                model.insert(page, (pte, aux));
+            }
+            for page in 0..3 * 2000 {
+                let expected = model.get(&page).copied().unwrap_or((Pte(0), Aux::Free));
+                prop_assert_eq!(table.load(page).unwrap(), expected, "page {}", page);
+            }
+            prop_assert!(table.load(3 * 2000).is_err());
+            let leaves: u64 = (0..3).map(|n| table.leaves_in_use(NodeId(n)).unwrap()).sum();
+            let touched: std::collections::HashSet<(u64, u64)> =
+                model.keys().map(|p| (p / 2000, (p % 2000) / LEAF_PAGES)).collect();
+            prop_assert_eq!(leaves, touched.len() as u64);
+        }
+    }
+}
