@@ -89,6 +89,7 @@ fn node_process() {
         "exchange" => exchange(),
         "placements" => placements(),
         "join_fails" => join_fails(),
+        "die" => die(),
         other => panic!("unknown scenario {other}"),
     }
     println!("scenario done");
@@ -220,6 +221,30 @@ fn placements() {
     pool.barrier().unwrap();
 }
 
+/// Joins, reports this process's segments, then node 2 kills itself while
+/// the others wait for it in a barrier.
+fn die() {
+    let pool = Pool::join(Config::from_env().unwrap()).unwrap();
+    println!("pid={}", std::process::id());
+    for entry in std::fs::read_dir("/proc/self/fd").unwrap().flatten() {
+        let target = std::fs::read_link(entry.path()).unwrap_or_default();
+        if target.to_string_lossy().contains("memfd:meshmem-node") {
+            let meta = std::fs::metadata(entry.path()).unwrap();
+            println!("memfd-ino={}", std::os::unix::fs::MetadataExt::ino(&meta));
+        }
+    }
+    let slice = pool.alloc_slice::<u64>(1024, Placement::Local).unwrap();
+    pool.write_slice(slice.addr(), &[7u64; 1024]).unwrap();
+    pool.barrier().unwrap();
+    if pool.node() == NodeId(2) {
+        nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL).unwrap();
+    }
+    // The barrier fails once node 2 is gone, or the launcher stops us first.
+    let outcome = pool.barrier();
+    println!("second barrier: {outcome:?}");
+    std::thread::sleep(Duration::from_secs(30));
+}
+
 fn join_fails() {
     // Stand in for a library that mapped something where the window goes.
     if let Ok(at) = std::env::var("MESHMEM_TEST_OCCUPY") {
@@ -299,4 +324,60 @@ fn occupied_window_base_fails_join() {
         assert!(out.contains("join error"), "node {rank}: {out}");
         assert!(out.contains(&format!("{base:#x}")), "node {rank}: {out}");
     }
+}
+
+#[test]
+fn killed_node_is_reported_and_nothing_is_left() {
+    let group = format!("test-die-{}-{}", std::process::id(), unique());
+    let shm_before: Vec<_> = std::fs::read_dir("/dev/shm").map(|d| d.flatten().map(|e| e.file_name()).collect()).unwrap_or_default();
+    let mut launcher = Children(vec![Some(
+        Command::new(env!("CARGO_BIN_EXE_meshmem"))
+            .args(["run", "--mesh", "2x2x1", "--grace-ms", "2000", "--"])
+            .arg(std::env::current_exe().unwrap())
+            .args(["--exact", "node_process", "--nocapture", "--test-threads=1"])
+            .env(SCENARIO, "die")
+            .env("MESHMEM_GROUP", &group)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    )]);
+    let child = launcher.0[0].take().unwrap();
+    let started = Instant::now();
+    let output = child.wait_with_output().unwrap();
+    let out = text(&output);
+    assert!(started.elapsed() < Duration::from_secs(20), "the launcher took {:?}:\n{out}", started.elapsed());
+    assert!(!output.status.success(), "{out}");
+    assert!(out.contains("node 2 (0,1,0)") && out.contains("SIGKILL"), "{out}");
+
+    let pids: Vec<i32> = out.lines().filter_map(|l| l.split("pid=").nth(1)).map(|p| p.trim().parse().unwrap()).collect();
+    assert_eq!(pids.len(), 4, "{out}");
+    let inodes: Vec<u64> = out.lines().filter_map(|l| l.split("memfd-ino=").nth(1)).map(|p| p.trim().parse().unwrap()).collect();
+    assert!(inodes.len() >= 4, "{out}");
+
+    for pid in &pids {
+        let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid), None).is_ok();
+        assert!(!alive, "node process {pid} outlived the run");
+    }
+    // No process of the run, and no descriptor of its segments, is left.
+    for proc_entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let path = proc_entry.path();
+        if let Ok(environ) = std::fs::read(path.join("environ")) {
+            let needle = format!("MESHMEM_GROUP={group}");
+            assert!(!environ.split(|&b| b == 0).any(|v| v == needle.as_bytes()), "{path:?} is still running");
+        }
+        if let Ok(fds) = std::fs::read_dir(path.join("fd")) {
+            for fd in fds.flatten() {
+                let target = std::fs::read_link(fd.path()).unwrap_or_default();
+                if target.to_string_lossy().contains("memfd:meshmem-node") {
+                    if let Ok(meta) = std::fs::metadata(fd.path()) {
+                        let ino = std::os::unix::fs::MetadataExt::ino(&meta);
+                        assert!(!inodes.contains(&ino), "segment {ino} is still open in {path:?}");
+                    }
+                }
+            }
+        }
+    }
+    let shm_after: Vec<_> = std::fs::read_dir("/dev/shm").map(|d| d.flatten().map(|e| e.file_name()).collect()).unwrap_or_default();
+    assert_eq!(shm_before, shm_after, "files appeared in /dev/shm");
 }
