@@ -22,6 +22,12 @@ mod report;
 mod sequence;
 mod trace;
 
+// The distributed run, kept out of the build until the pool API exists.
+// Once it does, `run` calls `driver::launch` when `driver::is_node()` is
+// false and `driver::run_node` in each node process.
+#[cfg(any())]
+mod driver;
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
@@ -37,7 +43,7 @@ use crate::trace::{Scale, Sequence, TraceError};
 const DEFAULT_TRACE: &str =
     concat!(env!("CARGO_MANIFEST_DIR"), "/examples/data/mooncake_conversation_slice.jsonl");
 
-/// Why the program stopped, and the exit status that tells it.
+/// Reason the program stopped, with its exit status.
 #[derive(Debug, thiserror::Error)]
 enum Failure {
     /// Options that do not fit together; exit status 2, as for clap's own

@@ -57,7 +57,7 @@ pub fn print_setup(cfg: &ModelConfig, trace: &Path, requests: usize, workload: &
         workload.sequences.len()
     );
     println!(
-        "lengths scaled down by {}: a 512-token hash block becomes {} tokens; {} decode steps",
+        "lengths scaled down by {}: a 512-token hash block becomes {} token(s); {} decode steps",
         workload.scale,
         workload.scale.hash_block_tokens(),
         workload.steps
