@@ -88,14 +88,11 @@ impl WeightAddrs {
             .chain(std::iter::once(&self.ref_counts))
             .map(|a| a.0)
             .collect();
-        bytemuck::cast_slice(&words).to_vec()
+        le_bytes(&words)
     }
 
     fn decode(bytes: &[u8], experts: usize) -> Option<Self> {
-        let words: Vec<u64> = bytes
-            .chunks_exact(8)
-            .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()))
-            .collect();
+        let words = words(bytes)?;
         let dense_len = 7;
         if words.len() != dense_len + experts + 1 {
             return None;
@@ -210,10 +207,10 @@ pub fn run_node(args: &Args, cfg: &ModelConfig, workload: &Workload, plan: &Shar
         }
     }
     let mut block_addrs = vec![GlobalAddr(0); plan.blocks()];
-    for bytes in pool.all_gather(bytemuck::cast_slice(&my_blocks))? {
-        let words: &[u64] = bytemuck::try_cast_slice(&bytes).map_err(|_| meshmem::Error::Collective {
+    for bytes in pool.all_gather(&le_bytes(&my_blocks))? {
+        let words = words(&bytes).ok_or_else(|| meshmem::Error::Collective {
             op: "all_gather",
-            reason: format!("block address list of {} bytes is not whole u64 pairs", bytes.len()),
+            reason: format!("block address list of {} bytes is not whole u64 words", bytes.len()),
             source: None,
         })?;
         for pair in words.chunks_exact(2) {
@@ -280,12 +277,12 @@ pub fn run_node(args: &Args, cfg: &ModelConfig, workload: &Workload, plan: &Shar
         pool.write_slice(slice.addr(), &out.hidden_states[s])?;
         my_outputs.extend([s as u64, slice.addr().0]);
     }
-    let gathered = pool.all_gather(bytemuck::cast_slice(&my_outputs))?;
+    let gathered = pool.all_gather(&le_bytes(&my_outputs))?;
     let mut equal = true;
     if me == root {
         let mut distributed = vec![vec![0.0f32; row_values]; workload.sequences.len()];
         for bytes in &gathered {
-            let words: &[u64] = bytemuck::try_cast_slice(bytes).unwrap_or(&[]);
+            let words = words(bytes).unwrap_or_default();
             for pair in words.chunks_exact(2) {
                 pool.read_slice(GlobalAddr(pair[1]), &mut distributed[pair[0] as usize])?;
             }
@@ -309,7 +306,7 @@ pub fn run_node(args: &Args, cfg: &ModelConfig, workload: &Workload, plan: &Shar
     // tokens written.
     let mut counts = out.expert_tokens.clone();
     counts.extend([out.computed_tokens, out.written_prompt_tokens]);
-    let all_counts = pool.all_gather(bytemuck::cast_slice(&counts))?;
+    let all_counts = pool.all_gather(&le_bytes(&counts))?;
     if me == root {
         print_report(&pool, cfg, &addrs, &block_addrs, &all_counts, &timings)?;
     }
@@ -370,8 +367,8 @@ fn print_report(
 
     let mut totals = vec![0u64; cfg.experts + 2];
     for bytes in all_counts {
-        let counts: &[u64] = bytemuck::try_cast_slice(bytes).unwrap_or(&[]);
-        for (total, count) in totals.iter_mut().zip(counts) {
+        let counts = words(bytes).unwrap_or_default();
+        for (total, count) in totals.iter_mut().zip(&counts) {
             *total += count;
         }
     }
@@ -383,6 +380,26 @@ fn print_report(
     };
     report::print_run("distributed", &out, timings);
     Ok(())
+}
+
+/// Encodes `u64` words little-endian for a collective.
+fn le_bytes(words: &[u64]) -> Vec<u8> {
+    words.iter().flat_map(|w| w.to_le_bytes()).collect()
+}
+
+/// Decodes little-endian `u64` words from collective output, whose `Vec<u8>`
+/// is not aligned for a cast; `None` if the length is not a multiple of 8.
+fn words(bytes: &[u8]) -> Option<Vec<u64>> {
+    if bytes.len() % 8 != 0 {
+        return None;
+    }
+    let mut out = Vec::with_capacity(bytes.len() / 8);
+    for chunk in bytes.chunks_exact(8) {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        out.push(u64::from_le_bytes(word));
+    }
+    Some(out)
 }
 
 /// Returns the bytes of `[addr, addr + len)` homed on each node, probing
