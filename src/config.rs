@@ -53,7 +53,8 @@ pub struct Config {
     pub page_size: usize,
     /// Bytes of frames this node contributes; rounded down to whole pages.
     pub node_capacity: u64,
-    /// Bytes of address space reserved for the window.
+    /// Bytes of address space reserved for the window. Each node's arena
+    /// gets the largest power of two of pages that fits its share.
     pub window_size: u64,
     /// Where node 0 reserves the window; the kernel picks when `None`.
     pub window_base: Option<u64>,
@@ -234,7 +235,11 @@ impl Config {
         if frame_count > u32::MAX as u64 {
             return Err(invalid("node_capacity", self.node_capacity, "holds more than 2^32 frames; raise the page size"));
         }
-        let arena_pages = self.window_size / page_size / size as u64;
+        // A power of two, so that finding a page's arena is a shift.
+        let arena_pages = match self.window_size / page_size / size as u64 {
+            0 => 0,
+            pages => 1u64 << (63 - pages.leading_zeros()),
+        };
         if arena_pages == 0 {
             return Err(invalid(
                 "window_size",

@@ -220,6 +220,20 @@ impl Words {
         Some(unsafe { &*((base + offset as usize) as *const AtomicU64) })
     }
 
+    /// Returns `count` words at `offset` of `node`'s segment when it is mapped
+    /// in this process: the fast path of metadata that is read and written
+    /// word by word.
+    #[inline]
+    pub fn local_words(&self, node: NodeId, offset: u64, count: u64) -> Option<&[AtomicU64]> {
+        let &(base, len) = self.views.get(node.index())?;
+        let end = offset.checked_add(count.checked_mul(8)?)?;
+        if base == 0 || offset % 8 != 0 || end > len {
+            return None;
+        }
+        // SAFETY: as in `local`, for every word of the range.
+        Some(unsafe { std::slice::from_raw_parts((base + offset as usize) as *const AtomicU64, count as usize) })
+    }
+
     #[inline]
     pub fn load(&self, node: NodeId, offset: u64) -> Result<u64> {
         match self.local(node, offset) {
@@ -291,6 +305,15 @@ impl Words {
                 Ok(previous) => return Ok(Ok(previous)),
                 Err(actual) => current = actual,
             }
+        }
+    }
+
+    /// Replaces the word and returns its old value.
+    #[inline]
+    pub fn swap(&self, node: NodeId, offset: u64, value: u64) -> Result<u64> {
+        match self.local(node, offset) {
+            Some(word) => Ok(word.swap(value, Ordering::AcqRel)),
+            None => Ok(self.fetch_update(node, offset, |_| Some(value))?.unwrap_or(0)),
         }
     }
 

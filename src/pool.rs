@@ -255,6 +255,7 @@ impl Pool {
 
     /// Allocates `layout.size()` bytes aligned to `layout.align()`, with
     /// pages homed where `placement` says.
+    #[inline]
     pub fn alloc(&self, layout: Layout, placement: impl Into<Placement>, advice: Advice) -> Result<GlobalAlloc> {
         let addr = self.heap.alloc(layout, &placement.into(), advice)?;
         Ok(GlobalAlloc { addr, size: layout.size() })
@@ -274,6 +275,7 @@ impl Pool {
     /// Frees the allocation that starts at `addr`. Any node may free any
     /// allocation. Freeing twice, freeing an address `alloc` did not return,
     /// or an address of another pool fails and changes nothing.
+    #[inline]
     pub fn free(&self, addr: GlobalAddr) -> Result<()> {
         self.window.check(addr.0, 1).map_err(|_| Error::InvalidFree {
             addr: addr.0,

@@ -182,11 +182,14 @@ pub struct PageTable {
     words: Words,
     layout: SegmentLayout,
     nodes: u64,
+    /// log2 of the arena's pages, which `Config` makes a power of two.
+    arena_shift: u32,
 }
 
 impl PageTable {
     pub fn new(words: Words, layout: SegmentLayout, nodes: u64) -> Self {
-        PageTable { words, layout, nodes }
+        assert!(layout.arena_pages.is_power_of_two(), "arena pages must be a power of two");
+        PageTable { words, layout, nodes, arena_shift: layout.arena_pages.trailing_zeros() }
     }
 
     pub fn words(&self) -> &Words {
@@ -197,8 +200,8 @@ impl PageTable {
     /// in that arena.
     #[inline]
     pub fn owner(&self, page: u64) -> Option<(NodeId, u64)> {
-        let node = page / self.layout.arena_pages;
-        (node < self.nodes).then(|| (NodeId(node as u16), page % self.layout.arena_pages))
+        let node = page >> self.arena_shift;
+        (node < self.nodes).then(|| (NodeId(node as u16), page & (self.layout.arena_pages - 1)))
     }
 
     #[inline]
@@ -215,6 +218,10 @@ impl PageTable {
     #[inline]
     pub fn load(&self, page: u64) -> Result<(Pte, Aux)> {
         let (node, offset) = self.entry_offset(page)?;
+        if let Some([pte, aux]) = self.words.local_words(node, offset, 2) {
+            // Acquire: pairs with the Release stores in `store`.
+            return Ok((Pte(pte.load(Ordering::Acquire)), Aux::decode(aux.load(Ordering::Acquire))));
+        }
         let pte = Pte(self.words.load(node, offset)?);
         let aux = Aux::decode(self.words.load(node, offset + 8)?);
         Ok((pte, aux))
@@ -230,7 +237,7 @@ impl PageTable {
     /// entry see the record too.
     pub fn store(&self, page: u64, pte: Pte, aux: Aux) -> Result<()> {
         let (node, offset) = self.entry_offset(page)?;
-        let index = page % self.layout.arena_pages;
+        let index = page & (self.layout.arena_pages - 1);
         let leaf_word = self.layout.directory + (index / LEAF_PAGES) * 8;
         if self.words.load(node, leaf_word)? == 0 {
             self.words.store(node, leaf_word, 1)?;
@@ -261,6 +268,7 @@ pub struct Window {
     base: u64,
     len: u64,
     page_size: u64,
+    page_shift: u32,
     /// Per page of the window, the [`Pte::mapping_key`] this process mapped,
     /// or 0. An anonymous `MAP_NORESERVE` array, so untouched parts cost no
     /// memory; atomics, because a fault handler may update it.
@@ -358,7 +366,14 @@ impl Window {
             unsafe { libc::munmap(base as *mut _, len as usize) };
             return Err(Error::os(format!("mmap of the {mapped_len}-byte mapping table"), source));
         }
-        Ok(Window { base, len, page_size, mapped: mapped.cast(), mapped_len: mapped_len.max(1) })
+        Ok(Window {
+            base,
+            len,
+            page_size,
+            page_shift: page_size.trailing_zeros(),
+            mapped: mapped.cast(),
+            mapped_len: mapped_len.max(1),
+        })
     }
 
     /// Bases node 0 tries before it lets the kernel choose: every 1 TiB from
@@ -394,12 +409,12 @@ impl Window {
     /// Global page index of `addr`, which must be inside the window.
     #[inline]
     pub fn page_of(&self, addr: u64) -> u64 {
-        (addr - self.base) / self.page_size
+        (addr - self.base) >> self.page_shift
     }
 
     #[inline]
     pub fn page_addr(&self, page: u64) -> u64 {
-        self.base + page * self.page_size
+        self.base + (page << self.page_shift)
     }
 
     /// Checks that `len` bytes at `addr` lie inside the window.
@@ -564,6 +579,7 @@ mod model_tests {
     use crate::transport::shm::{Segment, ShmTransport};
 
     fn table(arena_pages: u64) -> PageTable {
+        assert!(arena_pages.is_power_of_two());
         let layout = SegmentLayout::new(3, 4096, 8, arena_pages);
         let segments: Vec<Segment> = (0..3)
             .map(|n| {
@@ -582,9 +598,9 @@ mod model_tests {
         /// pages spread over every node's arena and several leaves.
         #[test]
         fn page_table_matches_model(
-            ops in prop::collection::vec((0u64..3 * 2000, any::<u16>(), any::<u32>(), 0u64..1024, 0u8..4), 1..200)
+            ops in prop::collection::vec((0u64..3 * 2048, any::<u16>(), any::<u32>(), 0u64..1024, 0u8..4), 1..200)
         ) {
-            let table = table(2000);
+            let table = table(2048);
             let mut model: HashMap<u64, (Pte, Aux)> = HashMap::new();
             for (page, home, frame, version, kind) in ops {
                 let pte = Pte::new(NodeId(home), frame, version, kind);
@@ -597,14 +613,14 @@ mod model_tests {
                 table.store(page, pte, aux).unwrap();
                 model.insert(page, (pte, aux));
             }
-            for page in 0..3 * 2000 {
+            for page in 0..3 * 2048 {
                 let expected = model.get(&page).copied().unwrap_or((Pte(0), Aux::Free));
                 prop_assert_eq!(table.load(page).unwrap(), expected, "page {}", page);
             }
-            prop_assert!(table.load(3 * 2000).is_err());
+            prop_assert!(table.load(3 * 2048).is_err());
             let leaves: u64 = (0..3).map(|n| table.leaves_in_use(NodeId(n)).unwrap()).sum();
             let touched: std::collections::HashSet<(u64, u64)> =
-                model.keys().map(|p| (p / 2000, (p % 2000) / LEAF_PAGES)).collect();
+                model.keys().map(|p| (p / 2048, (p % 2048) / LEAF_PAGES)).collect();
             prop_assert_eq!(leaves, touched.len() as u64);
         }
     }

@@ -154,3 +154,58 @@ fn allocator_api_backs_a_vec() {
     let after = pool.stats().unwrap().nodes[0].frames_used;
     assert!(after + 400_000 / PAGE as u64 <= peak, "peak {peak}, after {after}");
 }
+
+#[test]
+fn threads_free_each_others_blocks() {
+    let pool = pool();
+    let layout = Layout::from_size_align(48, 8).unwrap();
+    // Each thread allocates and fills blocks, then frees the blocks the
+    // previous thread allocated: every free is a free by a non-owner.
+    let handed: Vec<Vec<GlobalAddr>> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..4u8)
+            .map(|t| {
+                let pool = &pool;
+                scope.spawn(move || {
+                    (0..5000)
+                        .map(|_| {
+                            let a = pool.alloc(layout, Placement::Local, Advice::None).unwrap();
+                            pool.write(a.addr, &[t; 48]).unwrap();
+                            a.addr
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        workers.into_iter().map(|w| w.join().unwrap()).collect()
+    });
+    let mut all: Vec<GlobalAddr> = handed.iter().flatten().copied().collect();
+    all.sort();
+    all.dedup();
+    assert_eq!(all.len(), 20_000, "a block was handed out twice");
+    for (t, addrs) in handed.iter().enumerate() {
+        let mut back = [0u8; 48];
+        pool.read(addrs[4999], &mut back).unwrap();
+        assert_eq!(back, [t as u8; 48]);
+    }
+
+    // The allocating threads have exited, so their slabs are abandoned;
+    // other threads free into them, and later allocations adopt them.
+    std::thread::scope(|scope| {
+        for addrs in &handed {
+            let pool = &pool;
+            scope.spawn(move || {
+                for &a in addrs {
+                    pool.free(a).unwrap();
+                }
+                assert!(matches!(pool.free(addrs[0]), Err(Error::DoubleFree { .. })));
+            });
+        }
+    });
+    let used_before = pool.stats().unwrap().nodes[0].frames_used;
+    let again: Vec<GlobalAddr> = (0..20_000).map(|_| pool.alloc(layout, Placement::Local, Advice::None).unwrap().addr).collect();
+    assert_eq!(pool.stats().unwrap().nodes[0].frames_used, used_before, "the freed slabs were not reused");
+    for a in again {
+        pool.free(a).unwrap();
+    }
+    pool.validate().unwrap();
+}

@@ -20,8 +20,10 @@ pub mod placement;
 pub mod slab;
 
 use std::alloc::Layout;
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 
 use parking_lot::Mutex;
 
@@ -33,7 +35,7 @@ use crate::layout::{SegmentLayout, Words};
 use crate::space::{Aux, GlobalAddr, PageTable, Pte};
 use crate::topology::{Mesh3d, NodeId};
 use arena::Arena;
-use slab::{Geometry, Slab};
+use slab::Slab;
 
 /// A coherence hint for a range, modelled on `cudaMemAdvise`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
@@ -92,6 +94,43 @@ struct SlabList {
     current: usize,
 }
 
+/// What a thread's heap keeps of its pool: the words to abandon its slabs
+/// through, and the list abandoned slabs go to.
+struct Shared {
+    id: u64,
+    words: Words,
+    abandoned: Mutex<Vec<Slab>>,
+}
+
+/// The slabs one thread owns in one pool, by `home * classes + class`.
+struct ThreadHeap {
+    id: u64,
+    shared: Weak<Shared>,
+    lists: Vec<SlabList>,
+}
+
+impl Drop for ThreadHeap {
+    fn drop(&mut self) {
+        // The thread is exiting: hand its slabs to the pool so that another
+        // thread adopts them. If the pool is gone, so are its segments.
+        let Some(shared) = self.shared.upgrade() else { return };
+        let mut abandoned = shared.abandoned.lock();
+        for slab in self.lists.iter().flat_map(|list| list.slabs.iter()) {
+            if let Err(e) = slab.abandon(&shared.words) {
+                tracing::warn!(node = %slab.home, "abandoning a slab failed: {e}");
+                continue;
+            }
+            abandoned.push(*slab);
+        }
+    }
+}
+
+thread_local! {
+    static THREAD_HEAPS: RefCell<Vec<ThreadHeap>> = const { RefCell::new(Vec::new()) };
+}
+
+static NEXT_HEAP_ID: AtomicU64 = AtomicU64::new(1);
+
 /// The allocator state of one node process.
 pub(crate) struct Heap {
     pub me: NodeId,
@@ -101,7 +140,11 @@ pub(crate) struct Heap {
     pub table: PageTable,
     pub frames: Frames,
     pub window_base: u64,
-    slabs: Mutex<HashMap<(NodeId, u8), SlabList>>,
+    classes: usize,
+    /// Slab geometry of each size class.
+    geometries: Vec<slab::Geometry>,
+    page_shift: u32,
+    shared: Arc<Shared>,
     cursor: AtomicU64,
 }
 
@@ -109,6 +152,11 @@ impl Heap {
     pub fn new(me: NodeId, mesh: Mesh3d, layout: SegmentLayout, words: Words, window_base: u64) -> Self {
         let table = PageTable::new(words.clone(), layout, mesh.len() as u64);
         let frames = Frames::new(words.clone(), layout);
+        let shared = Arc::new(Shared {
+            id: NEXT_HEAP_ID.fetch_add(1, Ordering::Relaxed),
+            words: words.clone(),
+            abandoned: Mutex::new(Vec::new()),
+        });
         Heap {
             me,
             mesh,
@@ -117,7 +165,12 @@ impl Heap {
             table,
             frames,
             window_base,
-            slabs: Mutex::new(HashMap::new()),
+            classes: slab::class_count(layout.page_size),
+            geometries: (0..slab::class_count(layout.page_size) as u8)
+                .map(|class| slab::Geometry::new(class, layout.page_size))
+                .collect(),
+            page_shift: layout.page_size.trailing_zeros(),
+            shared,
             cursor: AtomicU64::new(me.0 as u64),
         }
     }
@@ -127,6 +180,7 @@ impl Heap {
         self.layout.page_size
     }
 
+    #[inline]
     fn check_layout(&self, layout: Layout) -> Result<()> {
         let invalid = |reason: String| Error::InvalidLayout { size: layout.size(), align: layout.align(), reason };
         if layout.size() == 0 {
@@ -141,10 +195,15 @@ impl Heap {
         Ok(())
     }
 
+    #[inline]
     pub fn alloc(&self, layout: Layout, placement: &Placement, advice: Advice) -> Result<GlobalAddr> {
         self.check_layout(layout)?;
-        placement.validate(&self.mesh)?;
-        advice.validate(&self.mesh)?;
+        if !matches!(placement, Placement::Local) {
+            placement.validate(&self.mesh)?;
+        }
+        if advice != Advice::None {
+            advice.validate(&self.mesh)?;
+        }
         match slab::class_of(layout.size(), layout.align(), self.page_size()) {
             Some(class) => self.alloc_small(class, layout.size(), placement),
             None => self.alloc_large(layout.size() as u64, placement, advice),
@@ -225,17 +284,26 @@ impl Heap {
     }
 
     /// The node a small allocation goes to.
+    #[inline]
     fn small_home(&self, class: u8, placement: &Placement) -> Result<NodeId> {
+        Ok(match placement {
+            Placement::Local => self.me,
+            Placement::Node(node) => *node,
+            other => self.small_home_slow(class, other)?,
+        })
+    }
+
+    #[cold]
+    fn small_home_slow(&self, class: u8, placement: &Placement) -> Result<NodeId> {
         Ok(match placement {
             Placement::Local => self.me,
             Placement::Node(node) => *node,
             Placement::Nearest(coord) => {
                 let origin = self.mesh.node_at(*coord)?;
-                let slabs = self.slabs.lock();
                 let mut chosen = origin;
                 for node in self.mesh.by_distance(origin)? {
-                    let has_block = slabs.get(&(node, class)).is_some_and(|list| {
-                        list.slabs.iter().any(|s| s.used(&self.words).is_ok_and(|u| u < s.geometry.capacity))
+                    let has_block = self.with_thread_heap(|heap| {
+                        heap.lists.get(node.index() * self.classes + class as usize).is_some_and(|list| !list.slabs.is_empty())
                     });
                     if has_block || self.frames.free_frames(node)? > 0 {
                         chosen = node;
@@ -254,53 +322,129 @@ impl Heap {
         })
     }
 
+    /// Runs `f` on this thread's heap for this pool, creating it first.
+    #[inline]
+    fn with_thread_heap<R>(&self, f: impl FnOnce(&mut ThreadHeap) -> R) -> R {
+        THREAD_HEAPS.with(|heaps| {
+            let mut heaps = heaps.borrow_mut();
+            let index = match heaps.iter().position(|heap| heap.id == self.shared.id) {
+                Some(index) => index,
+                None => {
+                    heaps.retain(|heap| heap.shared.strong_count() > 0);
+                    heaps.push(ThreadHeap { id: self.shared.id, shared: Arc::downgrade(&self.shared), lists: Vec::new() });
+                    heaps.len() - 1
+                }
+            };
+            f(&mut heaps[index])
+        })
+    }
+
+    #[inline]
     fn alloc_small(&self, class: u8, size: usize, placement: &Placement) -> Result<GlobalAddr> {
         let home = self.small_home(class, placement)?;
-        let mut slabs = self.slabs.lock();
-        let list = slabs.entry((home, class)).or_default();
-
-        // Fast path: the current slab.
-        if let Some(slab) = list.slabs.get_mut(list.current) {
-            if let Some(addr) = slab.claim(&self.words)? {
-                return Ok(GlobalAddr(addr));
-            }
+        let index = home.index() * self.classes + class as usize;
+        let fast = self.with_thread_heap(|heap| match heap.lists.get_mut(index) {
+            Some(list) => match list.slabs.get_mut(list.current) {
+                Some(slab) => slab.claim(&self.words),
+                None => Ok(None),
+            },
+            None => Ok(None),
+        })?;
+        match fast {
+            Some(addr) => Ok(GlobalAddr(addr)),
+            None => self.alloc_small_slow(home, class, size, index),
         }
-        // Another slab with a block freed since.
-        for i in 0..list.slabs.len() {
-            let slab = &mut list.slabs[i];
-            if slab.used(&self.words)? < slab.geometry.capacity {
-                if let Some(addr) = slab.claim(&self.words)? {
-                    list.current = i;
-                    return Ok(GlobalAddr(addr));
+    }
+
+    /// The current slab is full: take back remote frees, return empty slabs,
+    /// adopt an abandoned slab, or start a new one.
+    #[cold]
+    fn alloc_small_slow(&self, home: NodeId, class: u8, size: usize, index: usize) -> Result<GlobalAddr> {
+        // 1. Blocks freed by other threads or nodes into this thread's slabs.
+        let (found, empty) = self.with_thread_heap(|heap| -> Result<(Option<u64>, Vec<Slab>)> {
+            if heap.lists.len() <= index {
+                heap.lists.resize_with(index + 1, SlabList::default);
+            }
+            let list = &mut heap.lists[index];
+            let mut found = None;
+            for i in 0..list.slabs.len() {
+                list.slabs[i].collect(&self.words)?;
+                if found.is_none() {
+                    if let Some(addr) = list.slabs[i].claim(&self.words)? {
+                        list.current = i;
+                        found = Some(addr);
+                    }
                 }
             }
+            // Slabs with nothing handed out go back to the pool, except the
+            // one in use.
+            let mut empty = Vec::new();
+            let mut i = 0;
+            while i < list.slabs.len() {
+                if i != list.current && list.slabs[i].is_empty(&self.words)? {
+                    empty.push(list.slabs.remove(i));
+                    if list.current > i {
+                        list.current -= 1;
+                    }
+                } else {
+                    i += 1;
+                }
+            }
+            Ok((found, empty))
+        })?;
+        for slab in empty {
+            let page = (slab.page_addr - self.window_base) / self.page_size();
+            self.free_pages(page, slab.page_addr, true)?;
         }
-        drop(slabs);
+        if let Some(addr) = found {
+            return Ok(GlobalAddr(addr));
+        }
 
-        // A new slab page on `home`.
+        // 2. A slab that an exited thread left behind.
+        let adopted = {
+            let mut abandoned = self.shared.abandoned.lock();
+            abandoned.iter().position(|s| s.home == home && s.class == class).map(|i| abandoned.swap_remove(i))
+        };
+        if let Some(mut slab) = adopted {
+            slab.adopt(&self.words)?;
+            if let Some(addr) = slab.claim(&self.words)? {
+                self.push_slab(index, slab);
+                return Ok(GlobalAddr(addr));
+            }
+            self.push_slab(index, slab);
+        }
+
+        // 3. A new slab page on `home`.
         let page_addr = self.alloc_large(self.page_size(), &Placement::Node(home), Advice::None).map_err(|e| match e {
             Error::OutOfMemory { node, free, .. } => Error::OutOfMemory { node, requested: size as u64, free },
             other => other,
         })?;
         let page = (page_addr.0 - self.window_base) / self.page_size();
         let pte = self.table.load_pte(page)?;
-        let geometry = Geometry::new(class, self.page_size());
         let offset = self.layout.frame_offset(pte.frame());
-        Slab::initialise(&self.words, home, offset, class, geometry)?;
+        let mut slab = Slab::initialise(&self.words, page_addr.0, home, offset, class, self.page_size())?;
         self.table.store(page, pte, Aux::Slab { class })?;
-        let mut slab = Slab { page_addr: page_addr.0, home, offset, geometry, hint: 0 };
         let addr = slab.claim(&self.words)?.expect("a fresh slab has free blocks");
-        let mut slabs = self.slabs.lock();
-        let list = slabs.entry((home, class)).or_default();
-        list.slabs.push(slab);
-        list.current = list.slabs.len() - 1;
+        self.push_slab(index, slab);
         Ok(GlobalAddr(addr))
     }
 
+    fn push_slab(&self, index: usize, slab: Slab) {
+        self.with_thread_heap(|heap| {
+            if heap.lists.len() <= index {
+                heap.lists.resize_with(index + 1, SlabList::default);
+            }
+            let list = &mut heap.lists[index];
+            list.slabs.push(slab);
+            list.current = list.slabs.len() - 1;
+        })
+    }
+
     /// Frees the allocation at `addr`, which must lie in the window.
+    #[inline]
     pub fn free(&self, addr: u64) -> Result<Freed> {
-        let page = (addr - self.window_base) / self.page_size();
-        let page_addr = self.window_base + page * self.page_size();
+        let page = (addr - self.window_base) >> self.page_shift;
+        let page_addr = self.window_base + (page << self.page_shift);
         let (pte, aux) = self.table.load(page)?;
         match aux {
             Aux::Free => Err(Error::InvalidFree { addr, reason: "no allocation covers it".into() }),
@@ -317,22 +461,23 @@ impl Heap {
                 addr,
                 reason: format!("it points inside the allocation that starts at {page_addr:#x}"),
             }),
-            Aux::Head { .. } => self.free_large(page, addr),
-            Aux::Slab { .. } => {
-                slab::free_block(
-                    &self.words,
-                    pte.home(),
-                    self.layout.frame_offset(pte.frame()),
-                    self.page_size(),
-                    addr,
-                    addr - page_addr,
-                )?;
+            Aux::Head { .. } => self.free_pages(page, addr, false),
+            Aux::Slab { class } => {
+                let page_offset = self.layout.frame_offset(pte.frame());
+                debug_assert!(slab::check_header(&self.words, pte.home(), page_offset, class).is_ok());
+                let geometry = self.geometries.get(class as usize).ok_or_else(|| Error::Corrupt {
+                    node: pte.home(),
+                    reason: format!("page {page} claims slab class {class}, beyond the last class"),
+                })?;
+                slab::free_block(&self.words, pte.home(), page_offset, geometry, addr, addr - page_addr)?;
                 Ok(Freed::Block)
             }
         }
     }
 
-    fn free_large(&self, page: u64, addr: u64) -> Result<Freed> {
+    /// Frees the pages of the allocation whose first page is `page`: a large
+    /// allocation, or a slab page when `slab` is set.
+    fn free_pages(&self, page: u64, addr: u64, slab: bool) -> Result<Freed> {
         let (owner, index) = self.table.owner(page).expect("the caller checked the window");
         let arena = Arena::new(&self.words, &self.layout, owner, self.me);
         let guard = arena.lock()?;
@@ -340,7 +485,8 @@ impl Heap {
         // Check again under the lock: a concurrent free of the same
         // allocation from another node may have won.
         let pages = match self.table.load(page)?.1 {
-            Aux::Head { pages } => pages as u64,
+            Aux::Head { pages } if !slab => pages as u64,
+            Aux::Slab { .. } if slab => 1,
             Aux::FreedHead => return Err(Error::DoubleFree { addr }),
             _ => return Err(Error::InvalidFree { addr, reason: "no allocation covers it".into() }),
         };
