@@ -14,6 +14,7 @@
 pub mod alloc;
 pub mod config;
 pub mod error;
+mod fault;
 pub mod frames;
 pub mod launch;
 pub mod layout;

@@ -106,6 +106,9 @@ pub struct Stats {
 
 /// One node's membership in a group.
 pub struct Pool {
+    /// Dropped first: the fault handler must stop using the window and the
+    /// segments before they are unmapped.
+    fault: parking_lot::Mutex<Option<crate::fault::Registration>>,
     me: NodeId,
     mesh: Mesh3d,
     layout: SegmentLayout,
@@ -193,7 +196,17 @@ impl Pool {
             window = format_args!("{:#x}", window.base()),
             "joined"
         );
-        Ok(Pool { me, mesh: resolved.mesh, layout, group: joined.group, transport, heap, window, pids: joined.pids })
+        Ok(Pool {
+            fault: parking_lot::Mutex::new(None),
+            me,
+            mesh: resolved.mesh,
+            layout,
+            group: joined.group,
+            transport,
+            heap,
+            window,
+            pids: joined.pids,
+        })
     }
 
     /// Joins with the configuration in the environment ([`Config::from_env`]).
@@ -483,6 +496,49 @@ impl Pool {
             self.window.map_run(page, fd, self.layout.frame_offset(pte.frame()), &keys)?;
             page += keys.len() as u64;
         }
+        Ok(())
+    }
+
+    /// Installs the process's `SIGSEGV` handler for this pool's window, so
+    /// that a plain load or store to any allocated page maps it on first
+    /// touch: pointers that other nodes stored in pool memory work directly.
+    /// Faults outside the window go to the handler installed before, or to
+    /// the default action. Calling it again does nothing.
+    ///
+    /// A page this process mapped earlier keeps its old frame when another
+    /// node frees it and hands the address out again; an API call on the
+    /// range (`local_ptr`, `read`, `write`) maps it afresh.
+    pub fn install_fault_handler(&self) -> Result<()> {
+        let mut fault = self.fault.lock();
+        if fault.is_some() {
+            return Ok(());
+        }
+        let words = &self.heap.words;
+        let mut leaves = Vec::with_capacity(self.size());
+        let mut fds = Vec::with_capacity(self.size());
+        for node in self.mesh.nodes() {
+            let entries = words.local_words(node, self.layout.leaves, 2).ok_or_else(|| Error::Transport {
+                node,
+                reason: "its page table is not mapped in this process, which the fault handler needs".into(),
+                source: None,
+            })?;
+            leaves.push(entries.as_ptr());
+            fds.push(self.transport.mappable_fd(node).ok_or_else(|| Error::Transport {
+                node,
+                reason: "its segment cannot be mapped into this process".into(),
+                source: None,
+            })?);
+        }
+        *fault = Some(crate::fault::register(crate::fault::FaultTarget {
+            base: self.window.base(),
+            len: self.window.len(),
+            page_shift: self.layout.page_size.trailing_zeros(),
+            arena_shift: self.layout.arena_pages.trailing_zeros(),
+            leaves,
+            fds,
+            frames_offset: self.layout.frames,
+            mapped: self.window.mapped_keys(),
+        })?);
         Ok(())
     }
 

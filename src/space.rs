@@ -503,6 +503,11 @@ impl Window {
         }
     }
 
+    /// The per-page array of mapping keys, for the fault handler.
+    pub(crate) fn mapped_keys(&self) -> *const AtomicU64 {
+        self.mapped
+    }
+
     /// Whether this process has `key` mapped at `page`.
     #[inline]
     pub fn is_mapped(&self, page: u64, key: u64) -> bool {

@@ -90,6 +90,8 @@ fn node_process() {
         "placements" => placements(),
         "join_fails" => join_fails(),
         "die" => die(),
+        "pointers" => pointers(),
+        "segv" => segv(),
         other => panic!("unknown scenario {other}"),
     }
     println!("scenario done");
@@ -245,6 +247,65 @@ fn die() {
     std::thread::sleep(Duration::from_secs(30));
 }
 
+/// A list with one element per node, each homed on its node and linked by
+/// plain pointers; node 0 walks it with loads only, the fault handler
+/// mapping each page on first touch.
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Link {
+    value: u64,
+    next: u64,
+}
+
+fn pointers() {
+    let pool = Pool::join(Config::from_env().unwrap()).unwrap();
+    let me = pool.node();
+    let n = pool.size();
+    let link: GlobalSlice<Link> = pool.alloc_slice(1, Placement::Local).unwrap();
+    let all = pool.all_gather(&link.addr().0.to_le_bytes()).unwrap();
+    let addrs: Vec<u64> = all.iter().map(|b| u64::from_le_bytes(b[..8].try_into().unwrap())).collect();
+    let next = if me.index() + 1 < n { addrs[me.index() + 1] } else { 0 };
+    pool.write_slice(link.addr(), &[Link { value: 100 + me.0 as u64, next }]).unwrap();
+    pool.barrier().unwrap();
+
+    if me.0 == 0 {
+        pool.install_fault_handler().unwrap();
+        let mut sum = 0;
+        let mut count = 0;
+        let mut at = addrs[0] as *const Link;
+        while !at.is_null() {
+            // SAFETY: every link is allocated, written before the barrier and
+            // not written again; the fault handler maps its page.
+            let link = unsafe { at.read_volatile() };
+            sum += link.value;
+            count += 1;
+            at = link.next as *const Link;
+        }
+        assert_eq!(count, n);
+        assert_eq!(sum, (0..n as u64).map(|i| 100 + i).sum::<u64>());
+        // A store through a raw pointer into another node's page.
+        // SAFETY: the last link is allocated and nobody else writes it now.
+        unsafe { (addrs[n - 1] as *mut Link).write_volatile(Link { value: 7, next: 0 }) };
+    }
+    pool.barrier().unwrap();
+    let mut back = [Link { value: 0, next: 0 }];
+    pool.read_slice(GlobalAddr(addrs[n - 1]), &mut back).unwrap();
+    assert_eq!(back[0].value, 7);
+    pool.barrier().unwrap();
+}
+
+/// Installs the handler, then touches an address outside any window: the
+/// process must die of SIGSEGV as it would without the handler.
+fn segv() {
+    let pool = Pool::join(Config::from_env().unwrap()).unwrap();
+    pool.install_fault_handler().unwrap();
+    println!("scenario done");
+    let bad = 64 as *const u64;
+    // SAFETY: deliberately not safe: the fault must reach the default action.
+    let value = unsafe { bad.read_volatile() };
+    println!("read {value}");
+}
+
 fn join_fails() {
     // Stand in for a library that mapped something where the window goes.
     if let Ok(at) = std::env::var("MESHMEM_TEST_OCCUPY") {
@@ -380,4 +441,19 @@ fn killed_node_is_reported_and_nothing_is_left() {
     }
     let shm_after: Vec<_> = std::fs::read_dir("/dev/shm").map(|d| d.flatten().map(|e| e.file_name()).collect()).unwrap_or_default();
     assert_eq!(shm_before, shm_after, "files appeared in /dev/shm");
+}
+
+#[test]
+fn raw_pointers_follow_links_across_nodes() {
+    assert_all_passed(&run_group("pointers", "2x2x1", |_| vec![]));
+}
+
+#[test]
+fn faults_outside_the_window_still_kill() {
+    let outputs = run_group("segv", "1x1x1", |_| vec![]);
+    let out = text(&outputs[0]);
+    assert!(out.contains("scenario done"), "{out}");
+    assert!(!out.contains("read "), "{out}");
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(outputs[0].status.signal(), Some(libc::SIGSEGV), "{out}");
 }
