@@ -29,3 +29,8 @@ pub use error::{Error, Result};
 pub use pool::{GlobalSlice, NodeStats, Pool, PoolAllocator, Stats};
 pub use space::GlobalAddr;
 pub use topology::{Coord, Mesh3d, NodeId};
+
+/// The README's examples, compiled and run as doctests.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
