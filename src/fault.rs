@@ -29,7 +29,8 @@ use crate::space::Pte;
 /// Windows the handler serves at once, in one process.
 const SLOTS: usize = 16;
 
-/// What the handler needs of one pool, in plain values and raw pointers.
+/// One pool's window and page table, as plain values and raw pointers that
+/// the handler can use without locks.
 pub(crate) struct FaultTarget {
     pub base: u64,
     pub len: u64,
@@ -63,8 +64,8 @@ pub(crate) struct Registration {
     target: *mut FaultTarget,
 }
 
-// SAFETY: the registration only holds the boxed target it owns and the index
-// of its slot; dropping it from any thread is what `Drop` is written for.
+// SAFETY: the registration owns its boxed target and knows its slot index;
+// `Drop` may run on any thread.
 unsafe impl Send for Registration {}
 // SAFETY: `&Registration` gives no access to anything.
 unsafe impl Sync for Registration {}

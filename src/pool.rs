@@ -256,7 +256,7 @@ impl Pool {
         &self.pids
     }
 
-    /// The group id.
+    /// Returns the group id.
     pub fn group(&self) -> &str {
         self.group.name()
     }
@@ -267,7 +267,7 @@ impl Pool {
     }
 
     /// Allocates `layout.size()` bytes aligned to `layout.align()`, with
-    /// pages homed where `placement` says.
+    /// pages homed on the nodes that `placement` picks.
     #[inline]
     pub fn alloc(&self, layout: Layout, placement: impl Into<Placement>, advice: Advice) -> Result<GlobalAlloc> {
         let addr = self.heap.alloc(layout, &placement.into(), advice)?;
@@ -542,7 +542,7 @@ impl Pool {
         Ok(())
     }
 
-    /// Home node of the page that holds `addr`.
+    /// Returns the home node of the page that contains `addr`.
     pub fn home_of(&self, addr: GlobalAddr) -> Result<NodeId> {
         self.window.check(addr.0, 1)?;
         Ok(self.translate(addr.0)?.0)

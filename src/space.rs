@@ -117,7 +117,8 @@ impl Pte {
         Pte(self.0 & !Self::VALID)
     }
 
-    /// What a process's mapping depends on: validity, home, frame, version.
+    /// Returns the fields a process's mapping depends on: validity, home,
+    /// frame and version.
     #[inline]
     pub fn mapping_key(self) -> u64 {
         self.0 & !(Self::ADVICE_MASK << Self::ADVICE_SHIFT)
@@ -134,7 +135,7 @@ impl fmt::Debug for Pte {
     }
 }
 
-/// What a page belongs to, kept beside its entry.
+/// The allocation a page belongs to, kept beside its entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Aux {
     /// Not allocated.
@@ -508,7 +509,7 @@ impl Window {
         self.mapped
     }
 
-    /// Whether this process has `key` mapped at `page`.
+    /// Returns whether this process has `key` mapped at `page`.
     #[inline]
     pub fn is_mapped(&self, page: u64, key: u64) -> bool {
         self.mapped_slot(page).load(Ordering::Acquire) == key

@@ -247,9 +247,9 @@ fn die() {
     std::thread::sleep(Duration::from_secs(30));
 }
 
-/// A list with one element per node, each homed on its node and linked by
-/// plain pointers; node 0 walks it with loads only, the fault handler
-/// mapping each page on first touch.
+/// An element of a list with one element per node, each homed on its node
+/// and linked by plain pointers. Node 0 walks the list with loads only, and
+/// the fault handler maps each page on first touch.
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 struct Link {
@@ -284,7 +284,7 @@ fn pointers() {
         assert_eq!(count, n);
         assert_eq!(sum, (0..n as u64).map(|i| 100 + i).sum::<u64>());
         // A store through a raw pointer into another node's page.
-        // SAFETY: the last link is allocated and nobody else writes it now.
+        // SAFETY: the last link is allocated, and no other node writes it now.
         unsafe { (addrs[n - 1] as *mut Link).write_volatile(Link { value: 7, next: 0 }) };
     }
     pool.barrier().unwrap();
@@ -350,7 +350,9 @@ fn page_size_mismatch_fails_join() {
     for (rank, output) in outputs.iter().enumerate() {
         let out = text(output);
         assert!(out.contains("join error"), "node {rank}: {out}");
-        assert!(out.contains("page size") && out.contains("65536") && out.contains("2097152"), "node {rank}: {out}");
+        assert!(out.contains("page size"), "node {rank}: {out}");
+        assert!(out.contains("65536"), "node {rank}: {out}");
+        assert!(out.contains("2097152"), "node {rank}: {out}");
     }
 }
 
@@ -362,7 +364,9 @@ fn mesh_mismatch_fails_join() {
     for (rank, output) in outputs.iter().enumerate() {
         let out = text(output);
         assert!(out.contains("join error"), "node {rank}: {out}");
-        assert!(out.contains("mesh") && out.contains("4x1x1") && out.contains("2x2x1"), "node {rank}: {out}");
+        assert!(out.contains("disagrees on mesh"), "node {rank}: {out}");
+        assert!(out.contains("4x1x1"), "node {rank}: {out}");
+        assert!(out.contains("2x2x1"), "node {rank}: {out}");
     }
 }
 
@@ -409,7 +413,8 @@ fn killed_node_is_reported_and_nothing_is_left() {
     let out = text(&output);
     assert!(started.elapsed() < Duration::from_secs(20), "the launcher took {:?}:\n{out}", started.elapsed());
     assert!(!output.status.success(), "{out}");
-    assert!(out.contains("node 2 (0,1,0)") && out.contains("SIGKILL"), "{out}");
+    assert!(out.contains("node 2 (0,1,0)"), "{out}");
+    assert!(out.contains("SIGKILL"), "{out}");
 
     let pids: Vec<i32> = out.lines().filter_map(|l| l.split("pid=").nth(1)).map(|p| p.trim().parse().unwrap()).collect();
     assert_eq!(pids.len(), 4, "{out}");

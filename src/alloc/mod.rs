@@ -81,7 +81,7 @@ pub struct GlobalAlloc {
     pub size: usize,
 }
 
-/// What a free released, for the caller to unmap.
+/// The memory a free released, for the caller to unmap.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Freed {
     Pages { first_page: u64, pages: u64 },
@@ -94,8 +94,8 @@ struct SlabList {
     current: usize,
 }
 
-/// What a thread's heap keeps of its pool: the words to abandon its slabs
-/// through, and the list abandoned slabs go to.
+/// The part of a pool that a thread's heap keeps: the words to abandon its
+/// slabs through, and the list that abandoned slabs go to.
 struct Shared {
     id: u64,
     words: Words,
@@ -283,7 +283,7 @@ impl Heap {
         first_error.map_or(Ok(()), Err)
     }
 
-    /// The node a small allocation goes to.
+    /// Picks the node a small allocation goes to.
     #[inline]
     fn small_home(&self, class: u8, placement: &Placement) -> Result<NodeId> {
         Ok(match placement {

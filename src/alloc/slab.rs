@@ -80,7 +80,7 @@ pub fn owner_token() -> u64 {
     })
 }
 
-/// Where things sit in a slab of one class.
+/// The layout of a slab of one class.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Geometry {
     pub block: u64,
@@ -240,7 +240,8 @@ impl Slab {
         Ok(collected)
     }
 
-    /// Whether no block is handed out. Owner thread only, after `collect`.
+    /// Returns whether no block is handed out. Owner thread only, after
+    /// `collect`.
     pub fn is_empty(&self, words: &Words) -> Result<bool> {
         for word in 0..self.geometry.bitmap_words {
             if words.load(self.home, self.offset + self.geometry.alloc_word(word))? != self.geometry.padding(word) {
