@@ -28,7 +28,7 @@ pub use config::Config;
 pub use error::{Error, Result};
 pub use pool::{GlobalSlice, NodeStats, Pool, PoolAllocator, Stats};
 pub use space::GlobalAddr;
-pub use topology::{Coord, Mesh3d, NodeId};
+pub use topology::{Coord, LinkModel, Mesh3d, NodeId, TrafficEstimate};
 
 /// The README's examples, compiled and run as doctests.
 #[doc = include_str!("../README.md")]

@@ -364,3 +364,150 @@ mod tests {
         }
     }
 }
+
+/// Per-link bandwidth and per-hop latency of a mesh fabric, for
+/// [`Mesh3d::estimate`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LinkModel {
+    /// Bytes per second one direction of one link carries.
+    pub bandwidth: f64,
+    /// Seconds a message spends on each hop, switching and wire together.
+    pub hop_latency: f64,
+}
+
+impl Default for LinkModel {
+    /// 50 GB/s per direction and 200 ns per hop: round figures assumed for
+    /// a scale-up link, not a measurement of any system. Pass the figures
+    /// of the fabric being modelled.
+    fn default() -> Self {
+        LinkModel { bandwidth: 50e9, hop_latency: 200e-9 }
+    }
+}
+
+/// The load a traffic matrix puts on each link, and the time it would take.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrafficEstimate {
+    /// Bytes on each directed link `(from, to)` between neighbours, sorted
+    /// by link; links without traffic are left out.
+    pub links: Vec<((NodeId, NodeId), u64)>,
+    /// The busiest link and its bytes, if any byte crossed a link.
+    pub busiest: Option<((NodeId, NodeId), u64)>,
+    /// Sum over pairs of bytes times hops; equals the sum of `links`.
+    pub hop_bytes: u64,
+    /// Estimated seconds: the busiest link's bytes over the bandwidth, plus
+    /// the longest route's hops times the hop latency. An estimate that
+    /// ignores contention inside switches and protocol overheads.
+    pub seconds: f64,
+}
+
+impl Mesh3d {
+    /// Routes every byte of `traffic[src][dst]` along its dimension-ordered
+    /// route and adds it to each link it crosses.
+    pub fn estimate(&self, traffic: &[Vec<u64>], model: LinkModel) -> Result<TrafficEstimate> {
+        let n = self.len();
+        if traffic.len() != n || traffic.iter().any(|row| row.len() != n) {
+            return Err(Error::InvalidConfig {
+                name: "traffic",
+                value: format!("{} rows", traffic.len()),
+                reason: format!("a traffic matrix of mesh {self} must be {n} x {n}"),
+            });
+        }
+        if !(model.bandwidth > 0.0) || !(model.hop_latency >= 0.0) {
+            return Err(Error::InvalidConfig {
+                name: "link model",
+                value: format!("{model:?}"),
+                reason: "bandwidth must be positive and hop latency not negative".into(),
+            });
+        }
+
+        let mut loads: std::collections::BTreeMap<(NodeId, NodeId), u64> = Default::default();
+        let mut hop_bytes = 0u64;
+        let mut longest = 0u32;
+        for (src, row) in traffic.iter().enumerate() {
+            for (dst, &bytes) in row.iter().enumerate() {
+                if bytes == 0 || src == dst {
+                    continue;
+                }
+                let route = self.route(NodeId(src as u16), NodeId(dst as u16))?;
+                for hop in route.windows(2) {
+                    *loads.entry((hop[0], hop[1])).or_default() += bytes;
+                }
+                hop_bytes += bytes * (route.len() as u64 - 1);
+                longest = longest.max(route.len() as u32 - 1);
+            }
+        }
+        let busiest = loads.iter().max_by_key(|(link, bytes)| (**bytes, std::cmp::Reverse(**link))).map(|(l, b)| (*l, *b));
+        let seconds = busiest.map_or(0.0, |(_, bytes)| bytes as f64 / model.bandwidth) + longest as f64 * model.hop_latency;
+        Ok(TrafficEstimate { links: loads.into_iter().collect(), busiest, hop_bytes, seconds })
+    }
+}
+
+#[cfg(test)]
+mod model_tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn bytes_follow_dimension_order() {
+        let mesh: Mesh3d = "3x2x1".parse().unwrap();
+        let mut traffic = vec![vec![0u64; 6]; 6];
+        traffic[0][5] = 100; // (0,0) -> (2,1): X to 1, X to 2, then Y
+        traffic[3][0] = 10; // (0,1) -> (0,0)
+        let estimate = mesh.estimate(&traffic, LinkModel { bandwidth: 100.0, hop_latency: 0.5 }).unwrap();
+        let link = |a: u16, b: u16| (NodeId(a), NodeId(b));
+        assert_eq!(estimate.links, vec![(link(0, 1), 100), (link(1, 2), 100), (link(2, 5), 100), (link(3, 0), 10)]);
+        assert_eq!(estimate.hop_bytes, 310);
+        assert_eq!(estimate.busiest, Some((link(0, 1), 100)));
+        assert!((estimate.seconds - (1.0 + 3.0 * 0.5)).abs() < 1e-12);
+    }
+
+    #[test]
+    fn torus_wraps_and_local_traffic_is_free() {
+        let mesh: Mesh3d = "4x1x1:torus".parse().unwrap();
+        let mut traffic = vec![vec![0u64; 4]; 4];
+        traffic[0][3] = 8;
+        traffic[2][2] = 1000;
+        let estimate = mesh.estimate(&traffic, LinkModel::default()).unwrap();
+        assert_eq!(estimate.links, vec![((NodeId(0), NodeId(3)), 8)]);
+        assert_eq!(estimate.hop_bytes, 8);
+    }
+
+    #[test]
+    fn bad_matrix_and_model_are_rejected() {
+        let mesh: Mesh3d = "2x1x1".parse().unwrap();
+        let err = mesh.estimate(&[vec![0; 2]], LinkModel::default()).unwrap_err().to_string();
+        assert!(err.contains("2 x 2"), "{err}");
+        let zero = LinkModel { bandwidth: 0.0, hop_latency: 0.0 };
+        assert!(mesh.estimate(&[vec![0; 2], vec![0; 2]], zero).is_err());
+        let nan = LinkModel { bandwidth: f64::NAN, hop_latency: 0.0 };
+        assert!(mesh.estimate(&[vec![0; 2], vec![0; 2]], nan).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn link_loads_sum_to_hop_bytes(
+            dims in (1u16..4, 1u16..4, 1u16..3),
+            wrap in any::<bool>(),
+            cells in prop::collection::vec(0u64..1000, 36 * 36),
+        ) {
+            let mesh = Mesh3d::new([dims.0, dims.1, dims.2], wrap).unwrap();
+            let n = mesh.len();
+            let traffic: Vec<Vec<u64>> = (0..n).map(|s| cells[s * 36..s * 36 + n].to_vec()).collect();
+            let estimate = mesh.estimate(&traffic, LinkModel::default()).unwrap();
+            let on_links: u64 = estimate.links.iter().map(|(_, b)| b).sum();
+            prop_assert_eq!(on_links, estimate.hop_bytes);
+            let mut expected = 0;
+            for s in mesh.nodes() {
+                for d in mesh.nodes() {
+                    if s != d {
+                        expected += traffic[s.index()][d.index()] * mesh.hops(s, d).unwrap() as u64;
+                    }
+                }
+            }
+            prop_assert_eq!(estimate.hop_bytes, expected);
+            for ((a, b), _) in &estimate.links {
+                prop_assert_eq!(mesh.hops(*a, *b).unwrap(), 1);
+            }
+        }
+    }
+}
