@@ -156,9 +156,10 @@ unsafe fn map_page(target: &FaultTarget, addr: u64) -> bool {
     let node = (page >> target.arena_shift) as usize;
     let Some(&leaves) = target.leaves.get(node) else { return false };
     let index = page & ((1u64 << target.arena_shift) - 1);
-    // SAFETY: entries of the arena lie in the node's mapped segment; each is
-    // two words, the entry first.
-    let pte = Pte(unsafe { (*leaves.add(index as usize * 2)).load(Ordering::Acquire) });
+    // SAFETY: entries of the arena lie in the node's mapped segment, each
+    // ENTRY_BYTES long with the entry word first.
+    let words_per_entry = (crate::layout::ENTRY_BYTES / 8) as usize;
+    let pte = Pte(unsafe { (*leaves.add(index as usize * words_per_entry)).load(Ordering::Acquire) });
     if !pte.is_valid() {
         return false;
     }

@@ -13,7 +13,7 @@
 //! ...     frame free map, one bit per frame, set = in use
 //! ...     page-table directory, one word per leaf of the node's arena
 //! ...     free extents of the node's arena (start page, page count)
-//! ...     page-table leaves, LEAF_PAGES entries of two words each
+//! ...     page-table leaves, LEAF_PAGES entries of four words each
 //! frames  frame_count frames of page_size bytes
 //! ```
 //!
@@ -31,8 +31,12 @@ use crate::transport::Transport;
 /// `MESHMEM` followed by the format version, read as a little-endian word.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"MESHMEM1");
 
-/// Pages covered by one page-table leaf. A leaf is 8 KiB: two words a page.
+/// Pages covered by one page-table leaf. A leaf is 16 KiB.
 pub const LEAF_PAGES: u64 = 512;
+
+/// Bytes of one page-table entry: the [`Pte`](crate::space::Pte) word, the
+/// allocation record, the preferred location and the accessed-by mask.
+pub const ENTRY_BYTES: u64 = 32;
 
 /// Free extents of an arena kept in the segment. Frees that would need more
 /// leave their address range unused, which costs address space, not memory.
@@ -91,7 +95,7 @@ impl SegmentLayout {
         let leaf_count = arena_pages.div_ceil(LEAF_PAGES);
         let extents = align_up(directory + leaf_count * 8, 64);
         let leaves = align_up(extents + MAX_EXTENTS * 16, 4096);
-        let frames = align_up(leaves + leaf_count * LEAF_PAGES * 16, page_size);
+        let frames = align_up(leaves + leaf_count * LEAF_PAGES * ENTRY_BYTES, page_size);
         SegmentLayout {
             nodes,
             page_size,
@@ -345,7 +349,7 @@ mod tests {
         assert!(layout.directory >= layout.bitmap + 8 * 8);
         assert!(layout.extents >= layout.directory + 128 * 8);
         assert!(layout.leaves >= layout.extents + MAX_EXTENTS * 16);
-        assert!(layout.frames >= layout.leaves + 128 * LEAF_PAGES * 16);
+        assert!(layout.frames >= layout.leaves + 128 * LEAF_PAGES * ENTRY_BYTES);
         assert_eq!(layout.frames % (2 << 20), 0);
         assert_eq!(layout.len, layout.frames + 512 * (2 << 20));
         assert_eq!(layout.frame_offset(3), layout.frames + 3 * (2 << 20));

@@ -12,6 +12,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod alloc;
+pub mod coherence;
 pub mod config;
 pub mod error;
 mod fault;
@@ -24,6 +25,7 @@ pub mod topology;
 pub mod transport;
 
 pub use alloc::{Advice, GlobalAlloc, Placement};
+pub use coherence::AdviceSet;
 pub use config::Config;
 pub use error::{Error, Result};
 pub use pool::{GlobalSlice, NodeStats, Pool, PoolAllocator, Stats};

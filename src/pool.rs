@@ -499,6 +499,28 @@ impl Pool {
         Ok(())
     }
 
+    /// Sets `advice` on the pages of `len` bytes at `addr`, which must lie
+    /// inside one page-granular allocation. Fails naming the range and
+    /// changes nothing when the range is not allocated, crosses the end of
+    /// its allocation, or the advice names a node outside the mesh.
+    pub fn advise(&self, addr: GlobalAddr, len: usize, advice: Advice) -> Result<()> {
+        self.window.check(addr.0, len as u64)?;
+        crate::coherence::change(&self.heap, addr.0, len as u64, advice, crate::coherence::Change::Set)
+    }
+
+    /// Unsets `advice` on the pages of `len` bytes at `addr`; fails and
+    /// changes nothing when any of them does not have it set.
+    pub fn unadvise(&self, addr: GlobalAddr, len: usize, advice: Advice) -> Result<()> {
+        self.window.check(addr.0, len as u64)?;
+        crate::coherence::change(&self.heap, addr.0, len as u64, advice, crate::coherence::Change::Unset)
+    }
+
+    /// Returns the advice in force on the page that contains `addr`.
+    pub fn advice(&self, addr: GlobalAddr) -> Result<crate::coherence::AdviceSet> {
+        self.window.check(addr.0, 1)?;
+        crate::coherence::query(&self.heap, addr.0)
+    }
+
     /// Installs the process's `SIGSEGV` handler for this pool's window, so
     /// that a plain load or store to any allocated page maps it on first
     /// touch: pointers that other nodes stored in pool memory work directly.

@@ -25,7 +25,7 @@ use std::ptr;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::error::{Error, Result};
-use crate::layout::{SegmentLayout, Words, LEAF_PAGES};
+use crate::layout::{SegmentLayout, Words, ENTRY_BYTES, LEAF_PAGES};
 use crate::topology::NodeId;
 
 /// A byte address in the global window; a valid pointer in every process of
@@ -109,6 +109,11 @@ impl Pte {
     #[inline]
     pub fn advice(self) -> u8 {
         ((self.0 >> Self::ADVICE_SHIFT) & Self::ADVICE_MASK) as u8
+    }
+
+    /// The entry with its advice bits replaced.
+    pub fn with_advice(self, advice: u8) -> Pte {
+        Pte((self.0 & !(Self::ADVICE_MASK << Self::ADVICE_SHIFT)) | ((advice as u64 & Self::ADVICE_MASK) << Self::ADVICE_SHIFT))
     }
 
     /// The entry with its valid bit cleared, keeping the version so that the
@@ -212,7 +217,7 @@ impl PageTable {
             end: page,
             reason: format!("page {page} is beyond the last arena"),
         })?;
-        Ok((node, self.layout.leaves + index * 16))
+        Ok((node, self.layout.leaves + index * ENTRY_BYTES))
     }
 
     /// Loads the entry and the allocation record of global page `page`.
@@ -244,6 +249,23 @@ impl PageTable {
             self.words.store(node, leaf_word, 1)?;
         }
         self.words.store(node, offset + 8, aux.encode())?;
+        self.words.store(node, offset, pte.0)
+    }
+
+    /// Loads the node-valued advice of `page`: the preferred location word
+    /// (bit 63 set when present, the node in the low bits) and the
+    /// accessed-by mask (bit `n` for node `n`).
+    pub fn load_advice(&self, page: u64) -> Result<(u64, u64)> {
+        let (node, offset) = self.entry_offset(page)?;
+        Ok((self.words.load(node, offset + 16)?, self.words.load(node, offset + 24)?))
+    }
+
+    /// Stores the node-valued advice of `page`, then its entry with `pte`'s
+    /// advice bits.
+    pub fn store_advice(&self, page: u64, pte: Pte, preferred: u64, accessed_by: u64) -> Result<()> {
+        let (node, offset) = self.entry_offset(page)?;
+        self.words.store(node, offset + 16, preferred)?;
+        self.words.store(node, offset + 24, accessed_by)?;
         self.words.store(node, offset, pte.0)
     }
 

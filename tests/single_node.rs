@@ -209,3 +209,77 @@ fn threads_free_each_others_blocks() {
     }
     pool.validate().unwrap();
 }
+
+#[test]
+fn advice_is_set_queried_and_unset() {
+    let pool = pool();
+    let a = pool.alloc(Layout::from_size_align(4 * PAGE, 8).unwrap(), Placement::Local, Advice::None).unwrap();
+    assert!(pool.advice(a.addr).unwrap().is_empty());
+
+    pool.advise(a.addr, 2 * PAGE, Advice::ReadMostly).unwrap();
+    pool.advise(a.addr.add(PAGE as u64), PAGE, Advice::PreferredLocation(NodeId(0))).unwrap();
+    pool.advise(a.addr, 4 * PAGE, Advice::AccessedBy(NodeId(0))).unwrap();
+    let second = pool.advice(a.addr.add(PAGE as u64 + 5)).unwrap();
+    assert!(second.read_mostly);
+    assert_eq!(second.preferred_location, Some(NodeId(0)));
+    assert_eq!(second.accessed_by, vec![NodeId(0)]);
+    assert!(!second.streaming);
+    let last = pool.advice(a.addr.add(3 * PAGE as u64)).unwrap();
+    assert!(!last.read_mostly);
+    assert_eq!(last.accessed_by, vec![NodeId(0)]);
+
+    pool.unadvise(a.addr, 2 * PAGE, Advice::ReadMostly).unwrap();
+    pool.advise(a.addr, 4 * PAGE, Advice::Streaming).unwrap();
+    assert!(pool.advice(a.addr).unwrap().streaming);
+    pool.free(a.addr).unwrap();
+}
+
+#[test]
+fn bad_advice_is_rejected_and_changes_nothing() {
+    let pool = pool();
+    let a = pool.alloc(Layout::from_size_align(2 * PAGE, 8).unwrap(), Placement::Local, Advice::None).unwrap();
+    pool.advise(a.addr, PAGE, Advice::ReadMostly).unwrap();
+    let before = pool.advice(a.addr).unwrap();
+
+    // Not allocated.
+    let (base, len) = pool.window();
+    let err = pool.advise(base.add(len / 2), 8, Advice::ReadMostly).unwrap_err();
+    assert!(err.to_string().contains("not allocated"), "{err}");
+    // Crossing the end of the allocation.
+    let err = pool.advise(a.addr.add(PAGE as u64), 2 * PAGE, Advice::ReadMostly).unwrap_err();
+    assert!(err.to_string().contains("crosses the end"), "{err}");
+    // A node outside the mesh.
+    let err = pool.advise(a.addr, PAGE, Advice::PreferredLocation(NodeId(5))).unwrap_err();
+    assert!(matches!(err, Error::NodeOutOfRange { node: 5, .. }), "{err}");
+    // Unsetting advice that was never set, on a range where part has it.
+    let err = pool.unadvise(a.addr, 2 * PAGE, Advice::ReadMostly).unwrap_err();
+    assert!(err.to_string().contains("does not have ReadMostly set"), "{err}");
+    let err = pool.unadvise(a.addr, PAGE, Advice::AccessedBy(NodeId(0))).unwrap_err();
+    assert!(err.to_string().contains("nothing to unset"), "{err}");
+    // Conflicting advice.
+    let err = pool.advise(a.addr, 2 * PAGE, Advice::Streaming).unwrap_err();
+    assert!(err.to_string().contains("excludes Streaming"), "{err}");
+    // An empty range and no advice at all.
+    assert!(pool.advise(a.addr, 0, Advice::ReadMostly).is_err());
+    assert!(pool.advise(a.addr, 8, Advice::None).is_err());
+    assert_eq!(pool.advice(a.addr).unwrap(), before);
+    assert!(!pool.advice(a.addr.add(PAGE as u64)).unwrap().read_mostly);
+
+    // Small blocks share pages, so they take no advice.
+    let err = pool.alloc(Layout::from_size_align(64, 8).unwrap(), Placement::Local, Advice::Streaming).unwrap_err();
+    assert!(matches!(err, Error::InvalidLayout { .. }), "{err}");
+    let small = pool.alloc(Layout::from_size_align(64, 8).unwrap(), Placement::Local, Advice::None).unwrap();
+    let err = pool.advise(small.addr, 64, Advice::ReadMostly).unwrap_err();
+    assert!(err.to_string().contains("whole pages"), "{err}");
+
+    // Advice given at allocation is recorded; a bad one allocates nothing.
+    let used = pool.stats().unwrap().nodes[0].frames_used;
+    let err = pool.alloc(Layout::from_size_align(PAGE, 8).unwrap(), Placement::Local, Advice::AccessedBy(NodeId(2))).unwrap_err();
+    assert!(matches!(err, Error::NodeOutOfRange { .. }), "{err}");
+    assert_eq!(pool.stats().unwrap().nodes[0].frames_used, used);
+    let advised = pool.alloc(Layout::from_size_align(PAGE, 8).unwrap(), Placement::Local, Advice::PreferredLocation(NodeId(0))).unwrap();
+    assert_eq!(pool.advice(advised.addr).unwrap().preferred_location, Some(NodeId(0)));
+    pool.free(advised.addr).unwrap();
+    pool.free(small.addr).unwrap();
+    pool.free(a.addr).unwrap();
+}

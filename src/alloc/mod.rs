@@ -54,17 +54,6 @@ pub enum Advice {
 }
 
 impl Advice {
-    /// The bits kept in a page-table entry.
-    pub(crate) fn bits(self) -> u8 {
-        match self {
-            Advice::None => 0,
-            Advice::ReadMostly => 1,
-            Advice::PreferredLocation(_) => 2,
-            Advice::AccessedBy(_) => 4,
-            Advice::Streaming => 8,
-        }
-    }
-
     pub(crate) fn validate(self, mesh: &Mesh3d) -> Result<()> {
         match self {
             Advice::PreferredLocation(node) | Advice::AccessedBy(node) => mesh.check(node),
@@ -205,8 +194,26 @@ impl Heap {
             advice.validate(&self.mesh)?;
         }
         match slab::class_of(layout.size(), layout.align(), self.page_size()) {
+            Some(_) if advice != Advice::None => Err(Error::InvalidLayout {
+                size: layout.size(),
+                align: layout.align(),
+                reason: format!(
+                    "advice applies to whole pages, and blocks of up to {} bytes share pages; allocate more or pass Advice::None",
+                    self.page_size() / 8
+                ),
+            }),
             Some(class) => self.alloc_small(class, layout.size(), placement),
-            None => self.alloc_large(layout.size() as u64, placement, advice),
+            None => {
+                let addr = self.alloc_large(layout.size() as u64, placement)?;
+                if advice != Advice::None {
+                    let advised = crate::coherence::change(self, addr.0, layout.size() as u64, advice, crate::coherence::Change::Set);
+                    if let Err(e) = advised {
+                        self.free(addr.0)?;
+                        return Err(e);
+                    }
+                }
+                Ok(addr)
+            }
         }
     }
 
@@ -214,7 +221,7 @@ impl Heap {
         self.mesh.nodes().map(|n| self.frames.free_frames(n)).collect()
     }
 
-    fn alloc_large(&self, size: u64, placement: &Placement, advice: Advice) -> Result<GlobalAddr> {
+    fn alloc_large(&self, size: u64, placement: &Placement) -> Result<GlobalAddr> {
         let pages = size.div_ceil(self.page_size());
         let mut free = self.free_counts()?;
         let cursor = self.cursor.fetch_add(pages, Ordering::Relaxed);
@@ -239,7 +246,7 @@ impl Heap {
             let page = first_page + i as u64;
             let old = self.table.load_pte(page)?;
             let aux = if i == 0 { Aux::Head { pages: pages as u32 } } else { Aux::Tail { index: i as u32 } };
-            self.table.store(page, Pte::new(home, frame, old.version() + 1, advice.bits()), aux)?;
+            self.table.store(page, Pte::new(home, frame, old.version() + 1, 0), aux)?;
         }
         Ok(GlobalAddr(self.window_base + first_page * self.page_size()))
     }
@@ -415,7 +422,7 @@ impl Heap {
         }
 
         // 3. A new slab page on `home`.
-        let page_addr = self.alloc_large(self.page_size(), &Placement::Node(home), Advice::None).map_err(|e| match e {
+        let page_addr = self.alloc_large(self.page_size(), &Placement::Node(home)).map_err(|e| match e {
             Error::OutOfMemory { node, free, .. } => Error::OutOfMemory { node, requested: size as u64, free },
             other => other,
         })?;
