@@ -92,6 +92,7 @@ fn node_process() {
         "die" => die(),
         "pointers" => pointers(),
         "segv" => segv(),
+        "quiet" => quiet(),
         other => panic!("unknown scenario {other}"),
     }
     println!("scenario done");
@@ -306,6 +307,51 @@ fn segv() {
     println!("read {value}");
 }
 
+/// Node 1 writes records and then raises a flag after `quiet`; node 2 polls
+/// the flag with an atomic and must then see every record. Repeated, with
+/// the records homed on a third node.
+fn quiet() {
+    let pool = Pool::join(Config::from_env().unwrap()).unwrap();
+    let me = pool.node();
+    const ROUNDS: u64 = 200;
+    const WORDS: usize = 4096;
+    let shared = if me.0 == 0 {
+        let data: GlobalSlice<u64> = pool.alloc_slice(WORDS, Placement::Node(NodeId(3))).unwrap();
+        let flag: GlobalSlice<u64> = pool.alloc_slice(1, Placement::Node(NodeId(0))).unwrap();
+        [data.addr().0, flag.addr().0]
+    } else {
+        [0, 0]
+    };
+    let bytes = pool.broadcast(NodeId(0), &[shared[0].to_le_bytes(), shared[1].to_le_bytes()].concat()).unwrap();
+    let data = GlobalAddr(u64::from_le_bytes(bytes[..8].try_into().unwrap()));
+    let flag = GlobalAddr(u64::from_le_bytes(bytes[8..].try_into().unwrap()));
+
+    for round in 1..=ROUNDS {
+        match me.0 {
+            1 => {
+                let records: Vec<u64> = (0..WORDS as u64).map(|i| round << 32 | i).collect();
+                pool.write_slice(data, &records).unwrap();
+                pool.quiet().unwrap();
+                pool.fetch_add_u64(flag, 1).unwrap();
+            }
+            2 => {
+                while pool.fetch_add_u64(flag, 0).unwrap() < round {
+                    std::hint::spin_loop();
+                }
+                let mut seen = vec![0u64; WORDS];
+                pool.read_slice(data, &mut seen).unwrap();
+                for (i, &value) in seen.iter().enumerate() {
+                    assert_eq!(value, round << 32 | i as u64, "round {round}, word {i}");
+                }
+            }
+            _ => {}
+        }
+        // Keep the writer from starting the next round before the reader
+        // has checked this one.
+        pool.barrier().unwrap();
+    }
+}
+
 fn join_fails() {
     // Stand in for a library that mapped something where the window goes.
     if let Ok(at) = std::env::var("MESHMEM_TEST_OCCUPY") {
@@ -461,4 +507,9 @@ fn faults_outside_the_window_still_kill() {
     assert!(!out.contains("read "), "{out}");
     use std::os::unix::process::ExitStatusExt;
     assert_eq!(outputs[0].status.signal(), Some(libc::SIGSEGV), "{out}");
+}
+
+#[test]
+fn writes_are_visible_after_quiet_and_flag() {
+    assert_all_passed(&run_group("quiet", "2x2x1", |_| vec![]));
 }
