@@ -9,10 +9,12 @@
 //! Setting or unsetting checks every page first and changes nothing on
 //! error.
 //!
-//! NOTE: the pool records advice and reports it, but does not act on it yet:
-//! reads of a read-mostly page go to its home rather than to a replica, and
-//! no page migrates to its preferred location. Every access reaches the
-//! home, which is correct for every advice, only slower.
+//! Setting a preferred location migrates the pages there, and a migration
+//! never moves a page away from its preferred location.
+//!
+//! NOTE: read-mostly pages are not replicated yet: every read goes to the
+//! home, which is correct, only slower. `AccessedBy` and `Streaming` are
+//! recorded and reported only.
 
 use crate::alloc::{Advice, Heap};
 use crate::error::{Error, Result};
@@ -59,7 +61,7 @@ pub(crate) enum Change {
 
 /// Returns the first page and page count of `len` bytes at `addr`, which
 /// must lie inside one large allocation.
-fn pages_of(heap: &Heap, addr: u64, len: u64) -> Result<(u64, u64)> {
+pub(crate) fn pages_of(heap: &Heap, addr: u64, len: u64) -> Result<(u64, u64)> {
     let invalid = |reason: String| Error::InvalidAddress { addr, end: addr.saturating_add(len), reason };
     if len == 0 {
         return Err(invalid("the range is empty; advice needs at least one byte".into()));
@@ -171,6 +173,11 @@ pub(crate) fn change(heap: &Heap, addr: u64, len: u64, advice: Advice, change: C
 /// Returns the advice in force on the page that contains `addr`.
 pub(crate) fn query(heap: &Heap, addr: u64) -> Result<AdviceSet> {
     let (page, _) = pages_of(heap, addr, 1)?;
+    query_page(heap, page)
+}
+
+/// Returns the advice in force on global page `page`.
+pub(crate) fn query_page(heap: &Heap, page: u64) -> Result<AdviceSet> {
     let pte: Pte = heap.table.load_pte(page)?;
     let (preferred, accessed_by) = heap.table.load_advice(page)?;
     let flags = pte.advice();

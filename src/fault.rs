@@ -159,11 +159,41 @@ unsafe fn map_page(target: &FaultTarget, addr: u64) -> bool {
     // SAFETY: entries of the arena lie in the node's mapped segment, each
     // ENTRY_BYTES long with the entry word first.
     let words_per_entry = (crate::layout::ENTRY_BYTES / 8) as usize;
-    let pte = Pte(unsafe { (*leaves.add(index as usize * words_per_entry)).load(Ordering::Acquire) });
+    let entry = unsafe { &*leaves.add(index as usize * words_per_entry) };
+    // SAFETY: `page` is a page of the window, inside the mapped-key array.
+    let slot = unsafe { &*target.mapped.add(page as usize) };
+
+    // Take the page's slot with an entry that is not migrating. A store to a
+    // page that is migrating waits for the switch, then maps the new frame;
+    // the wait happens outside the slot lock, which the migration's
+    // mapping requests need. sched_yield is async-signal-safe.
+    let (pte, mapped) = loop {
+        let pte = Pte(entry.load(Ordering::SeqCst));
+        if pte.is_valid() && pte.is_migrating() {
+            // SAFETY: a system call without arguments.
+            unsafe { libc::sched_yield() };
+            continue;
+        }
+        let mapped = crate::space::lock_slot(slot);
+        if Pte(entry.load(Ordering::SeqCst)) == pte {
+            break (pte, mapped);
+        }
+        slot.store(mapped, Ordering::SeqCst);
+    };
     if !pte.is_valid() {
+        slot.store(mapped, Ordering::SeqCst);
         return false;
     }
-    let Some(&fd) = target.fds.get(pte.home().index()) else { return false };
+    let Some(&fd) = target.fds.get(pte.home().index()) else {
+        slot.store(mapped, Ordering::SeqCst);
+        return false;
+    };
+    if mapped == pte.mapping_key() {
+        // The current frame is mapped already: a real access violation, such
+        // as a store to a read-only mapping.
+        slot.store(mapped, Ordering::SeqCst);
+        return false;
+    }
     let page_addr = target.base + (page << target.page_shift);
     let offset = target.frames_offset + ((pte.frame() as u64) << target.page_shift);
     // SAFETY: the page lies in the window this pool reserved; mapping the
@@ -179,10 +209,17 @@ unsafe fn map_page(target: &FaultTarget, addr: u64) -> bool {
         )
     };
     if got == libc::MAP_FAILED {
+        slot.store(mapped, Ordering::SeqCst);
         return false;
     }
-    // SAFETY: `page` is a page of the window, inside the mapped-key array.
-    unsafe { (*target.mapped.add(page as usize)).store(pte.mapping_key(), Ordering::Release) };
+    // SeqCst, with the lock taken above: either a migrator that marks the
+    // page after the lock sees this mapping (its service waits for the lock)
+    // and write-protects it, or this load sees the mark and protects it here.
+    if Pte(entry.load(Ordering::SeqCst)).is_migrating() {
+        // SAFETY: narrowing the access of the mapping made just above.
+        unsafe { libc::mprotect(page_addr as *mut _, 1usize << target.page_shift, libc::PROT_READ) };
+    }
+    slot.store(pte.mapping_key(), Ordering::SeqCst);
     true
 }
 

@@ -63,6 +63,26 @@ pub mod hdr {
     pub const NEXT_LEAF: u64 = 0x50;
     /// Address space given up because the extent list was full, in pages.
     pub const LEAKED_PAGES: u64 = 0x58;
+    /// Operation epoch of this node's process; migrations advance it to
+    /// wait for operations that started before them.
+    pub const EPOCH: u64 = 0x60;
+    /// Operations in flight in this node's process that started in an even
+    /// epoch, then in an odd one.
+    pub const ACTIVE_EVEN: u64 = 0x68;
+    pub const ACTIVE_ODD: u64 = 0x70;
+    /// Group-wide migration lock, used in node 0's segment: 0 when free,
+    /// otherwise 1 + the id of the migrating node.
+    pub const MIGRATE_LOCK: u64 = 0x78;
+    /// Mapping requests to this node's service thread: sequence number of
+    /// the latest request, of the latest one done, the operation, and the
+    /// page range.
+    pub const MAILBOX_SEQ: u64 = 0x80;
+    pub const MAILBOX_ACK: u64 = 0x88;
+    pub const MAILBOX_OP: u64 = 0x90;
+    pub const MAILBOX_FIRST: u64 = 0x98;
+    pub const MAILBOX_PAGES: u64 = 0xa0;
+    /// 1 while this node's service thread runs.
+    pub const SERVICE_ALIVE: u64 = 0xa8;
     /// Start of the traffic row.
     pub const TRAFFIC: u64 = 0x100;
 }
@@ -246,6 +266,16 @@ impl Words {
         }
     }
 
+    /// Loads with sequentially consistent ordering, for the checks that pair
+    /// with migration marks.
+    #[inline]
+    pub fn load_seqcst(&self, node: NodeId, offset: u64) -> Result<u64> {
+        match self.local(node, offset) {
+            Some(word) => Ok(word.load(Ordering::SeqCst)),
+            None => self.transport.fetch_add_u64(node, offset, 0),
+        }
+    }
+
     #[inline]
     pub fn store(&self, node: NodeId, offset: u64, value: u64) -> Result<()> {
         match self.local(node, offset) {
@@ -284,9 +314,9 @@ impl Words {
         new: u64,
     ) -> Result<std::result::Result<u64, u64>> {
         match self.local(node, offset) {
-            Some(word) => {
-                Ok(word.compare_exchange(current, new, Ordering::AcqRel, Ordering::Acquire))
-            }
+            // SeqCst: migration marks pages with this and relies on a total
+            // order with the SeqCst mapping records of the fault handler.
+            Some(word) => Ok(word.compare_exchange(current, new, Ordering::SeqCst, Ordering::SeqCst)),
             None => {
                 let previous = self.transport.compare_exchange_u64(node, offset, current, new)?;
                 Ok(if previous == current { Ok(previous) } else { Err(previous) })

@@ -73,6 +73,7 @@ pub struct Pte(pub u64);
 
 impl Pte {
     const VALID: u64 = 1 << 63;
+    const MIGRATING: u64 = 1 << 52;
     const VERSION_SHIFT: u32 = 53;
     const VERSION_MASK: u64 = 0x3ff;
     const ADVICE_SHIFT: u32 = 48;
@@ -106,6 +107,21 @@ impl Pte {
         (self.0 >> Self::VERSION_SHIFT) & Self::VERSION_MASK
     }
 
+    /// Whether a migration is moving the page.
+    #[inline]
+    pub fn is_migrating(self) -> bool {
+        self.0 & Self::MIGRATING != 0
+    }
+
+    /// The entry with the migrating bit set or cleared.
+    pub fn with_migrating(self, migrating: bool) -> Pte {
+        if migrating {
+            Pte(self.0 | Self::MIGRATING)
+        } else {
+            Pte(self.0 & !Self::MIGRATING)
+        }
+    }
+
     #[inline]
     pub fn advice(self) -> u8 {
         ((self.0 >> Self::ADVICE_SHIFT) & Self::ADVICE_MASK) as u8
@@ -126,7 +142,7 @@ impl Pte {
     /// frame and version.
     #[inline]
     pub fn mapping_key(self) -> u64 {
-        self.0 & !(Self::ADVICE_MASK << Self::ADVICE_SHIFT)
+        self.0 & !(Self::ADVICE_MASK << Self::ADVICE_SHIFT) & !Self::MIGRATING
     }
 }
 
@@ -239,6 +255,12 @@ impl PageTable {
         Ok(Pte(self.words.load(node, offset)?))
     }
 
+    /// Loads the entry with sequentially consistent ordering.
+    pub fn load_pte_seqcst(&self, page: u64) -> Result<Pte> {
+        let (node, offset) = self.entry_offset(page)?;
+        Ok(Pte(self.words.load_seqcst(node, offset)?))
+    }
+
     /// Stores the allocation record, then the entry. Readers that see the new
     /// entry see the record too.
     pub fn store(&self, page: u64, pte: Pte, aux: Aux) -> Result<()> {
@@ -266,6 +288,12 @@ impl PageTable {
         let (node, offset) = self.entry_offset(page)?;
         self.words.store(node, offset + 16, preferred)?;
         self.words.store(node, offset + 24, accessed_by)?;
+        self.words.store(node, offset, pte.0)
+    }
+
+    /// Stores the entry word alone.
+    pub fn store_pte(&self, page: u64, pte: Pte) -> Result<()> {
+        let (node, offset) = self.entry_offset(page)?;
         self.words.store(node, offset, pte.0)
     }
 
@@ -467,14 +495,31 @@ impl Window {
         unsafe { &*self.mapped.add(page as usize) }
     }
 
+    /// Takes the lock of `page`'s mapping slot and returns the key it held.
+    /// Every change to a page's mapping in this process happens under it, so
+    /// the slot always names what is mapped. Only `mmap`, `mprotect` and
+    /// loads of the page table run under it, never an access to the page, so
+    /// a fault cannot wait for a lock its own thread holds.
+    #[inline]
+    pub(crate) fn lock_slot(&self, page: u64) -> u64 {
+        lock_slot(self.mapped_slot(page))
+    }
+
+    /// Releases `page`'s slot with `key` as what is mapped.
+    #[inline]
+    pub(crate) fn unlock_slot(&self, page: u64, key: u64) {
+        self.mapped_slot(page).store(key, Ordering::SeqCst);
+    }
+
     /// Maps `pages` consecutive pages starting at `page` onto `fd` at
     /// `offset`, read-write and shared, and records `keys` as mapped.
     pub fn map_run(&self, page: u64, fd: RawFd, offset: u64, keys: &[u64]) -> Result<()> {
         let addr = self.page_addr(page);
         let len = keys.len() as u64 * self.page_size;
+        let previous: Vec<u64> = (0..keys.len() as u64).map(|i| self.lock_slot(page + i)).collect();
         // SAFETY: the range is inside our own window reservation (the caller
         // translated it from page-table entries of this window), which no
-        // other code maps; replacing it with MAP_FIXED is what the window is
+        // other code maps. Replacing it with MAP_FIXED is what the window is
         // reserved for.
         let got = unsafe {
             libc::mmap(
@@ -487,31 +532,37 @@ impl Window {
             )
         };
         if got == libc::MAP_FAILED {
-            return Err(Error::os(
-                format!("mapping {len:#x} bytes at {addr:#x} onto segment offset {offset:#x}"),
-                std::io::Error::last_os_error(),
-            ));
+            let error = std::io::Error::last_os_error();
+            for (i, &key) in previous.iter().enumerate() {
+                self.unlock_slot(page + i as u64, key);
+            }
+            return Err(Error::os(format!("mapping {len:#x} bytes at {addr:#x} onto segment offset {offset:#x}"), error));
         }
         for (i, &key) in keys.iter().enumerate() {
-            // Release: pairs with the Acquire in `is_mapped`, so a thread that
-            // sees the key also sees the mapping.
-            self.mapped_slot(page + i as u64).store(key, Ordering::Release);
+            self.unlock_slot(page + i as u64, key);
         }
         Ok(())
     }
 
     /// Returns `pages` pages starting at `page` to `PROT_NONE` in this process.
     pub fn unmap_run(&self, page: u64, pages: u64) {
-        let addr = self.page_addr(page);
-        for i in 0..pages {
-            self.mapped_slot(page + i).store(0, Ordering::Release);
+        for p in page..page + pages {
+            self.lock_slot(p);
+            self.reserve_page(p);
+            self.unlock_slot(p, 0);
         }
+    }
+
+    /// Replaces one page's mapping with the window's `PROT_NONE` reservation.
+    /// The caller holds the page's slot.
+    fn reserve_page(&self, page: u64) {
+        let addr = self.page_addr(page);
         // SAFETY: as in `map_run`; the replacement is the same reservation the
         // window started with.
         let got = unsafe {
             libc::mmap(
                 addr as *mut _,
-                (pages * self.page_size) as usize,
+                self.page_size as usize,
                 libc::PROT_NONE,
                 libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED,
                 -1,
@@ -519,10 +570,40 @@ impl Window {
             )
         };
         // NOTE: a failure here (only ENOMEM from the mapping count limit) leaves
-        // the old frame mapped in this process; the page table no longer
-        // points at it, and the next `ensure_mapped` replaces it.
+        // the old frame mapped in this process. The page table no longer
+        // points at it, so the next `ensure_mapped` replaces it.
         if got == libc::MAP_FAILED {
-            tracing::warn!(addr = format_args!("{addr:#x}"), pages, "unmapping freed pages failed: {}", std::io::Error::last_os_error());
+            tracing::warn!(addr = format_args!("{addr:#x}"), "unmapping a page failed: {}", std::io::Error::last_os_error());
+        }
+    }
+
+    /// Makes the mapped pages of `pages` pages at `page` read-only in this
+    /// process, so that a plain store faults while they migrate.
+    pub fn protect_run(&self, page: u64, pages: u64) {
+        for p in page..page + pages {
+            let key = self.lock_slot(p);
+            if key != 0 {
+                let addr = self.page_addr(p);
+                // SAFETY: the page is inside our window and mapped; mprotect
+                // only narrows the access of that mapping.
+                let failed = unsafe { libc::mprotect(addr as *mut _, self.page_size as usize, libc::PROT_READ) } != 0;
+                if failed {
+                    tracing::warn!(addr = format_args!("{addr:#x}"), "write-protecting a migrating page failed: {}", std::io::Error::last_os_error());
+                }
+            }
+            self.unlock_slot(p, key);
+        }
+    }
+
+    /// Drops this process's mapping of every mapped page of `pages` pages at
+    /// `page`, so that the next access maps the current frame.
+    pub fn refresh_run(&self, page: u64, pages: u64) {
+        for p in page..page + pages {
+            let key = self.lock_slot(p);
+            if key != 0 {
+                self.reserve_page(p);
+            }
+            self.unlock_slot(p, 0);
         }
     }
 
@@ -535,6 +616,25 @@ impl Window {
     #[inline]
     pub fn is_mapped(&self, page: u64, key: u64) -> bool {
         self.mapped_slot(page).load(Ordering::Acquire) == key
+    }
+}
+
+/// The slot value of a page whose mapping is being changed. Never a mapping
+/// key: keys have the migrating bit clear.
+pub(crate) const SLOT_LOCKED: u64 = 1 << 52;
+
+/// Takes a mapping-slot lock; see [`Window::lock_slot`]. Async-signal-safe.
+#[inline]
+pub(crate) fn lock_slot(slot: &AtomicU64) -> u64 {
+    loop {
+        let current = slot.load(Ordering::SeqCst);
+        if current != SLOT_LOCKED
+            && slot.compare_exchange(current, SLOT_LOCKED, Ordering::SeqCst, Ordering::SeqCst).is_ok()
+        {
+            return current;
+        }
+        // SAFETY: a system call without arguments.
+        unsafe { libc::sched_yield() };
     }
 }
 

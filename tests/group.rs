@@ -75,6 +75,11 @@ fn text(output: &Output) -> String {
 }
 
 fn assert_all_passed(outputs: &[Output]) {
+    if outputs.iter().any(|o| !o.status.success()) {
+        for (rank, output) in outputs.iter().enumerate() {
+            eprintln!("---- node {rank} ({}):\n{}", output.status, text(output));
+        }
+    }
     for (rank, output) in outputs.iter().enumerate() {
         assert!(output.status.success(), "node {rank} failed:\n{}", text(output));
         assert!(text(output).contains("scenario done"), "node {rank} did not finish:\n{}", text(output));
@@ -93,6 +98,7 @@ fn node_process() {
         "pointers" => pointers(),
         "segv" => segv(),
         "quiet" => quiet(),
+        "migrate" => migrate(),
         other => panic!("unknown scenario {other}"),
     }
     println!("scenario done");
@@ -352,6 +358,106 @@ fn quiet() {
     }
 }
 
+/// Writers on two nodes (one through the API, one through raw pointers with
+/// the fault handler) fill checksummed records into a range while another
+/// node migrates it back and forth and a fourth reads it. Every record must
+/// be intact at the end and every migration must have moved the range.
+fn migrate() {
+    let pool = Pool::join(Config::from_env().unwrap()).unwrap();
+    let me = pool.node();
+    let page = pool.page_size();
+    const PAGES: usize = 6;
+    const RECORDS: usize = 4000;
+    const ROUNDS: usize = 6;
+    let range = if me.0 == 0 {
+        let a = pool.alloc(Layout::from_size_align(PAGES * page, 64).unwrap(), Placement::Node(NodeId(1)), Advice::None).unwrap();
+        pool.write(a.addr, &vec![0u8; PAGES * page]).unwrap();
+        a.addr.0
+    } else {
+        0
+    };
+    let range = GlobalAddr(u64::from_le_bytes(pool.broadcast(NodeId(0), &range.to_le_bytes()).unwrap().try_into().unwrap()));
+    let record_size = 16u64; // (value, checksum)
+    let record = |writer: u64, i: u64| -> [u64; 2] {
+        let value = writer << 48 | i;
+        [value, value.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0xabcd]
+    };
+    pool.barrier().unwrap();
+
+    match me.0 {
+        0 => {
+            for round in 0..ROUNDS {
+                let target = NodeId([2, 3, 1][round % 3]);
+                pool.migrate(range, PAGES * page, target).unwrap();
+                for p in 0..PAGES {
+                    assert_eq!(pool.home_of(range.add((p * page) as u64)).unwrap(), target);
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        1 => {
+            // Even records through the API.
+            for i in (0..RECORDS as u64).step_by(2) {
+                pool.write_slice(range.add(i * record_size), &record(1, i)).unwrap();
+            }
+        }
+        2 => {
+            // Odd records through raw pointers; the fault handler maps pages
+            // and waits out migrations.
+            pool.install_fault_handler().unwrap();
+            for i in (1..RECORDS as u64).step_by(2) {
+                let at = range.add(i * record_size).0 as *mut [u64; 2];
+                // SAFETY: inside the allocation, aligned, and only this node
+                // writes odd records.
+                unsafe { at.write_volatile(record(2, i)) };
+                if i % 256 == 1 {
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+            }
+        }
+        _ => {
+            // Reads during migration see either zeros or complete records.
+            let mut seen = vec![[0u64; 2]; RECORDS];
+            for _ in 0..20 {
+                pool.read_slice(range, bytemuck::cast_slice_mut::<[u64; 2], u64>(&mut seen)).unwrap();
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    }
+    pool.quiet().unwrap();
+    pool.barrier().unwrap();
+
+    let mut all = vec![[0u64; 2]; RECORDS];
+    pool.read_slice(range, bytemuck::cast_slice_mut::<[u64; 2], u64>(&mut all)).unwrap();
+    for (i, got) in all.iter().enumerate() {
+        let writer = if i % 2 == 0 { 1 } else { 2 };
+        assert_eq!(*got, record(writer, i as u64), "record {i}");
+    }
+    pool.barrier().unwrap();
+    if me.0 == 0 {
+        // Bad input: a node outside the mesh, and a node with two free frames.
+        let err = pool.migrate(range, page, NodeId(9)).unwrap_err();
+        assert!(matches!(err, Error::NodeOutOfRange { node: 9, .. }), "{err}");
+        let hog = pool.alloc(Layout::from_size_align(pool.node_capacity() as usize - 2 * page, 8).unwrap(), Placement::Node(NodeId(2)), Advice::None);
+        if let Ok(hog) = hog {
+            let home = pool.home_of(range).unwrap();
+            let err = pool.migrate(range, PAGES * page, NodeId(2)).unwrap_err();
+            assert!(matches!(err, Error::OutOfMemory { node: NodeId(2), .. }), "{err}");
+            assert!(err.to_string().contains(&format!("{} bytes", PAGES * page)), "{err}");
+            assert_eq!(pool.home_of(range).unwrap(), home);
+            pool.free(hog.addr).unwrap();
+        }
+        // Preferred location moves the pages and pins them.
+        pool.advise(range, PAGES * page, Advice::PreferredLocation(NodeId(3))).unwrap();
+        assert_eq!(pool.home_of(range).unwrap(), NodeId(3));
+        let err = pool.migrate(range, page, NodeId(1)).unwrap_err();
+        assert!(err.to_string().contains("never migrates away"), "{err}");
+        pool.free(range).unwrap();
+        pool.validate().unwrap();
+    }
+    pool.barrier().unwrap();
+}
+
 fn join_fails() {
     // Stand in for a library that mapped something where the window goes.
     if let Ok(at) = std::env::var("MESHMEM_TEST_OCCUPY") {
@@ -512,4 +618,10 @@ fn faults_outside_the_window_still_kill() {
 #[test]
 fn writes_are_visible_after_quiet_and_flag() {
     assert_all_passed(&run_group("quiet", "2x2x1", |_| vec![]));
+}
+
+#[test]
+fn migration_loses_no_write() {
+    let small = |_| vec![("MESHMEM_PAGE_SIZE".into(), "16K".into()), ("MESHMEM_NODE_CAPACITY".into(), "1M".into())];
+    assert_all_passed(&run_group("migrate", "2x2x1", small));
 }

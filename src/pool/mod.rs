@@ -20,6 +20,9 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::layout::{hdr, SegmentLayout, Words};
 use crate::space::{GlobalAddr, Pte, Window};
+
+mod migrate;
+pub use migrate::Prefetch;
 use crate::topology::{Coord, Mesh3d, NodeId};
 use crate::transport::rendezvous::{self, Group, Hello, PROTOCOL};
 use crate::transport::shm::{Segment, ShmTransport};
@@ -115,7 +118,9 @@ pub struct Pool {
     group: Group,
     transport: Arc<ShmTransport>,
     heap: Heap,
-    window: Window,
+    /// Stopped before the window goes: it changes this process's mappings.
+    _service: migrate::Service,
+    window: Arc<Window>,
     pids: Vec<u32>,
 }
 
@@ -188,6 +193,8 @@ impl Pool {
         for node in resolved.mesh.nodes() {
             layout.validate(&words, node)?;
         }
+        let window = Arc::new(window);
+        let service = migrate::Service::start(words.clone(), me, window.clone())?;
         let heap = Heap::new(me, resolved.mesh, layout, words, window.base());
         tracing::info!(
             node = %me,
@@ -204,6 +211,7 @@ impl Pool {
             group: joined.group,
             transport,
             heap,
+            _service: service,
             window,
             pids: joined.pids,
         })
@@ -310,7 +318,7 @@ impl Pool {
     fn translate(&self, addr: u64) -> Result<(NodeId, u64, Pte)> {
         let page = self.window.page_of(addr);
         let pte = self.heap.table.load_pte(page)?;
-        if !pte.is_valid() {
+        if !pte.is_valid() || pte.is_migrating() {
             return Err(Error::InvalidAddress {
                 addr,
                 end: addr + 1,
@@ -322,7 +330,9 @@ impl Pool {
     }
 
     /// Splits `len` bytes at `addr` into per-page pieces and applies `op` to
-    /// each with its home, segment offset and position in the range.
+    /// each with its home, segment offset and position in the range. Each
+    /// piece runs as a counted operation; a piece whose page is migrating
+    /// waits for the migration outside the count, then translates again.
     #[inline]
     fn for_each_piece(
         &self,
@@ -336,13 +346,24 @@ impl Pool {
         while done < len {
             let at = addr.0 + done as u64;
             let in_page = (page_size - at % page_size).min((len - done) as u64) as usize;
-            let (home, offset, _) = self.translate(at).map_err(|e| match e {
-                Error::InvalidAddress { reason, .. } => {
-                    Error::InvalidAddress { addr: addr.0, end: addr.0 + len as u64, reason: format!("at {at:#x}: {reason}") }
-                }
-                other => other,
-            })?;
-            op(home, offset, done..done + in_page)?;
+            let guard = migrate::enter(&self.heap.words, self.me);
+            let page = self.window.page_of(at);
+            let pte = self.heap.table.load_pte(page)?;
+            if pte.is_migrating() {
+                drop(guard);
+                migrate::wait_while_migrating(self, page)?;
+                continue;
+            }
+            if !pte.is_valid() {
+                return Err(Error::InvalidAddress {
+                    addr: addr.0,
+                    end: addr.0 + len as u64,
+                    reason: format!("at {at:#x}: its page is not allocated"),
+                });
+            }
+            let offset = self.layout.frame_offset(pte.frame()) + (at - self.window.page_addr(page));
+            op(pte.home(), offset, done..done + in_page)?;
+            drop(guard);
             done += in_page;
         }
         Ok(())
@@ -369,22 +390,32 @@ impl Pool {
         self.write(addr, bytemuck::cast_slice(src))
     }
 
-    fn atomic_target(&self, addr: GlobalAddr) -> Result<(NodeId, u64)> {
+    /// Runs a 64-bit atomic at `addr` as a counted operation, waiting out a
+    /// migration of its page.
+    fn atomic<T>(&self, addr: GlobalAddr, op: impl Fn(NodeId, u64) -> Result<T>) -> Result<T> {
         if addr.0 % 8 != 0 {
             return Err(Error::Unaligned { addr: addr.0 });
         }
         self.window.check(addr.0, 8)?;
-        let (home, offset, _) = self.translate(addr.0)?;
-        Ok((home, offset))
+        loop {
+            let guard = migrate::enter(&self.heap.words, self.me);
+            let page = self.window.page_of(addr.0);
+            if self.heap.table.load_pte(page)?.is_migrating() {
+                drop(guard);
+                migrate::wait_while_migrating(self, page)?;
+                continue;
+            }
+            let (home, offset, _) = self.translate(addr.0)?;
+            return op(home, offset);
+        }
     }
 
     /// Adds `value` to the 64-bit word at `addr` and returns its old value.
     pub fn fetch_add_u64(&self, addr: GlobalAddr, value: u64) -> Result<u64> {
-        let (home, offset) = self.atomic_target(addr)?;
-        self.transport.fetch_add_u64(home, offset, value)
+        self.atomic(addr, |home, offset| self.transport.fetch_add_u64(home, offset, value))
     }
 
-    /// Replaces the word at `addr` with `new` if it holds `current`:
+    /// Replaces the word at `addr` with `new` if it contains `current`:
     /// `Ok(Ok(previous))` on success, `Ok(Err(actual))` otherwise.
     pub fn compare_exchange_u64(
         &self,
@@ -392,8 +423,7 @@ impl Pool {
         current: u64,
         new: u64,
     ) -> Result<std::result::Result<u64, u64>> {
-        let (home, offset) = self.atomic_target(addr)?;
-        let previous = self.transport.compare_exchange_u64(home, offset, current, new)?;
+        let previous = self.atomic(addr, |home, offset| self.transport.compare_exchange_u64(home, offset, current, new))?;
         Ok(if previous == current { Ok(previous) } else { Err(previous) })
     }
 
@@ -470,6 +500,10 @@ impl Pool {
                     reason: format!("page at {:#x} is not allocated", self.window.page_addr(page)),
                 });
             }
+            if pte.is_migrating() {
+                migrate::wait_while_migrating(self, page)?;
+                continue;
+            }
             if self.window.is_mapped(page, pte.mapping_key()) {
                 page += 1;
                 continue;
@@ -481,6 +515,7 @@ impl Pool {
             while page + (keys.len() as u64) <= last {
                 let next = self.heap.table.load_pte(page + keys.len() as u64)?;
                 let consecutive = next.is_valid()
+                    && !next.is_migrating()
                     && next.home() == pte.home()
                     && next.frame() as u64 == pte.frame() as u64 + keys.len() as u64;
                 if !consecutive || self.window.is_mapped(page + keys.len() as u64, next.mapping_key()) {
@@ -494,18 +529,39 @@ impl Pool {
                 source: None,
             })?;
             self.window.map_run(page, fd, self.layout.frame_offset(pte.frame()), &keys)?;
-            page += keys.len() as u64;
+            // Check the entries again. A migration that marked a page after
+            // the loads above may have missed this mapping when it
+            // write-protected the page, so protect it here (the slot locks
+            // in `map_run`, this load and the migrator's mark are SeqCst).
+            // An entry that changed meanwhile means this mapping may show an
+            // old frame: drop it, and let the loop map the page again.
+            let mut stable = true;
+            for (i, &key) in keys.iter().enumerate() {
+                let p = page + i as u64;
+                let now = self.heap.table.load_pte_seqcst(p)?;
+                if now.is_migrating() {
+                    self.window.protect_run(p, 1);
+                } else if now.mapping_key() != key {
+                    self.window.unmap_run(p, 1);
+                    stable = false;
+                }
+            }
+            if stable {
+                page += keys.len() as u64;
+            }
         }
         Ok(())
     }
 
     /// Sets `advice` on the pages of `len` bytes at `addr`, which must lie
-    /// inside one page-granular allocation. Fails naming the range and
+    /// inside one page-granular allocation. `PreferredLocation` also
+    /// migrates the pages to that node. Fails naming the range and
     /// changes nothing when the range is not allocated, crosses the end of
     /// its allocation, or the advice names a node outside the mesh.
     pub fn advise(&self, addr: GlobalAddr, len: usize, advice: Advice) -> Result<()> {
         self.window.check(addr.0, len as u64)?;
-        crate::coherence::change(&self.heap, addr.0, len as u64, advice, crate::coherence::Change::Set)
+        crate::coherence::change(&self.heap, addr.0, len as u64, advice, crate::coherence::Change::Set)?;
+        self.apply_advice(addr, len, advice)
     }
 
     /// Unsets `advice` on the pages of `len` bytes at `addr`; fails and
