@@ -19,8 +19,8 @@
 //! 4. Decode: one step per `--steps`, a barrier after each for the timing.
 //! 5. Each node writes its final hidden states to pool memory; node 0 reads
 //!    them, computes the reference itself and compares bit for bit.
-//! 6. Report, then release: each user subtracts 1 from every block's
-//!    count and the node that drops a count to 0 frees the block; node 0
+//! 6. Report, then release. Each user subtracts 1 from every block's
+//!    count, and the node that drops a count to 0 frees the block. Node 0
 //!    frees the weights and checks that only slab pages stay in use.
 //!
 //! Every weight and cache access goes through `Pool::read_slice` and
@@ -51,7 +51,7 @@ const MIN_PAGE_BYTES: u64 = 4096;
 /// Error of one node's run.
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
-    /// A pool call failed; the text says what the node was doing.
+    /// A pool call failed; `context` describes what the node was doing.
     #[error("{context}: {source}")]
     Pool {
         context: String,
@@ -63,18 +63,29 @@ pub enum NodeError {
     /// expects.
     #[error("{0}")]
     Invalid(String),
+
+    /// The node failed after joining and has already written its error.
+    #[error("the node failed; its error is written above")]
+    Reported,
 }
+
+/// How long a node whose collective failed waits before it writes its
+/// error and exits. A collective fails on every node once one node dies,
+/// and the launcher names the first node that exits non-zero and stops the
+/// others. The wait lets it name the node that failed first, and is
+/// shorter than the launcher's grace period, `meshmem::launch::DEFAULT_GRACE`.
+const COLLECTIVE_FAILURE_WAIT: Duration = Duration::from_secs(2);
 
 type Result<T> = std::result::Result<T, NodeError>;
 
 /// Adds what the node was doing to a pool error.
 trait Context<T> {
-    fn context(self, what: impl FnOnce() -> String) -> Result<T>;
+    fn context(self, describe: impl FnOnce() -> String) -> Result<T>;
 }
 
 impl<T> Context<T> for meshmem::Result<T> {
-    fn context(self, what: impl FnOnce() -> String) -> Result<T> {
-        self.map_err(|source| NodeError::Pool { context: what(), source })
+    fn context(self, describe: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|source| NodeError::Pool { context: describe(), source })
     }
 }
 
@@ -112,7 +123,13 @@ fn dense_tensor_bytes(cfg: &ModelConfig) -> [u64; 7] {
 /// blocks, the reference counts and output rows, and room for slab pages.
 /// The total over all nodes holds everything, but a node whose sequences
 /// write more than that share of the KV blocks spills to its neighbours.
-pub fn default_node_capacity(cfg: &ModelConfig, choice: PlacementChoice, nodes: usize, plan: &SharingPlan, steps: usize) -> u64 {
+pub fn default_node_capacity(
+    cfg: &ModelConfig,
+    choice: PlacementChoice,
+    nodes: usize,
+    plan: &SharingPlan,
+    steps: usize,
+) -> u64 {
     let page = page_size(cfg);
     let nodes = nodes as u64;
     let expert = whole_pages(cfg.expert_bytes(), page);
@@ -282,7 +299,7 @@ impl KvStore for PoolKv<'_> {
 
 /// Experts read from pool memory each time a token is routed to them, into
 /// one buffer, so that the traffic counts the weight bytes every routed
-/// token reads and a node never holds more than one expert.
+/// token reads and a node never keeps more than one expert in memory.
 struct PoolExperts<'a> {
     pool: &'a Pool,
     addrs: &'a [GlobalAddr],
@@ -298,8 +315,8 @@ impl ExpertSource for PoolExperts<'_> {
     }
 }
 
-/// What the launcher worked out before starting the nodes, for node 0 to
-/// print above its report.
+/// The options, layer, batch and plan of the run, with the printer of the
+/// setup that node 0 writes above its report.
 pub struct Setup<'a> {
     pub args: &'a Args,
     pub cfg: &'a ModelConfig,
@@ -345,15 +362,35 @@ impl NodeCounts {
 /// Runs this node's part of the batch. Node 0 prints the comparison and
 /// the report; it returns `Ok(false)` if the results differ or pages stay
 /// in use after everything was freed.
+///
+/// An error after joining is written to stderr while the pool is still
+/// open, because leaving the group makes the other nodes fail and the
+/// launcher may stop this node before it writes anything. That error is
+/// returned as [`NodeError::Reported`].
 pub fn run_node(setup: &Setup<'_>) -> Result<bool> {
+    let pool = Config::from_env().and_then(Pool::join).context(|| "joining the group failed".into())?;
+    match run_joined(&pool, setup) {
+        Ok(equal) => Ok(equal),
+        Err(e) => {
+            if matches!(e, NodeError::Pool { source: meshmem::Error::Collective { .. }, .. }) {
+                std::thread::sleep(COLLECTIVE_FAILURE_WAIT);
+            }
+            // One write, so that lines of different nodes do not mix.
+            let line = format!("error: node {} {}: {e}\n", pool.node(), pool.coord());
+            let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
+            Err(NodeError::Reported)
+        }
+    }
+}
+
+fn run_joined(pool: &Pool, setup: &Setup<'_>) -> Result<bool> {
     let (args, cfg, workload, plan) = (setup.args, setup.cfg, setup.workload, setup.plan);
 
-    // Phase 1: join, and place the weights from node 0.
-    let pool = Config::from_env().and_then(Pool::join).context(|| "joining the group failed".into())?;
+    // Phase 1: place the weights from node 0.
     let me = pool.node();
     let nodes = pool.size();
     let root = NodeId(0);
-    let mut allocator = Allocator::new(&pool);
+    let mut allocator = Allocator::new(pool);
     let mut weights = None;
     let mut addrs_bytes = Vec::new();
     if me == root {
@@ -372,24 +409,30 @@ pub fn run_node(setup: &Setup<'_>) -> Result<bool> {
         let started = Instant::now();
         let mut dense = Vec::new();
         for (name, tensor) in generated.dense.tensors() {
-            let addr = allocator
-                .alloc::<f32>(tensor.len(), placement(args.placement, &pool, None))
-                .context(|| format!("placing the dense tensor {name} of {} failed", format_bytes(tensor.len() as u64 * F32_BYTES)))?;
+            let addr = allocator.alloc::<f32>(tensor.len(), placement(args.placement, pool, None)).context(|| {
+                format!("placing the dense tensor {name} of {} failed", format_bytes(tensor.len() as u64 * F32_BYTES))
+            })?;
             pool.write_slice(addr, tensor).context(|| format!("writing the dense tensor {name} failed"))?;
             dense.push(addr);
         }
         let mut experts = Vec::new();
         for (e, expert) in generated.experts.iter().enumerate() {
-            let addr = allocator.alloc::<f32>(expert.data.len(), placement(args.placement, &pool, Some(e))).context(|| {
-                format!("placing expert {e} of {} with --placement {} failed; raise --node-capacity", format_bytes(cfg.expert_bytes()), args.placement)
-            })?;
+            let addr =
+                allocator.alloc::<f32>(expert.data.len(), placement(args.placement, pool, Some(e))).context(|| {
+                    format!(
+                        "placing expert {e} of {} with --placement {} failed; raise --node-capacity",
+                        format_bytes(cfg.expert_bytes()),
+                        args.placement
+                    )
+                })?;
             pool.write_slice(addr, &expert.data).context(|| format!("writing expert {e} failed"))?;
             experts.push(addr);
         }
         let ref_counts = allocator
             .alloc::<u64>(plan.blocks(), Placement::Local)
             .context(|| format!("allocating {} KV block reference counts failed", plan.blocks()))?;
-        pool.write_slice(ref_counts, &vec![0u64; plan.blocks()]).context(|| "zeroing the reference counts failed".into())?;
+        pool.write_slice(ref_counts, &vec![0u64; plan.blocks()])
+            .context(|| "zeroing the reference counts failed".into())?;
         addrs_bytes = WeightAddrs { dense, experts, ref_counts }.encode();
         println!();
         println!(
@@ -447,7 +490,7 @@ pub fn run_node(setup: &Setup<'_>) -> Result<bool> {
     pool.barrier().context(|| "waiting for the reference counts failed".into())?;
     let traffic_before = match me == root {
         true => {
-            check_ref_counts(&pool, cfg, plan, &addrs)?;
+            check_ref_counts(pool, cfg, plan, &addrs)?;
             Some(pool.stats().context(|| "reading the traffic counters failed".into())?.traffic)
         }
         false => None,
@@ -456,10 +499,10 @@ pub fn run_node(setup: &Setup<'_>) -> Result<bool> {
 
     // Phase 3: prefill.
     let layer = Layer { cfg, dense: &dense, seed: workload.seed, scale: workload.scale };
-    let mut kv = PoolKv { pool: &pool, blocks: &block_addrs, kv_dim: cfg.kv_dim() };
+    let mut kv = PoolKv { pool, blocks: &block_addrs, kv_dim: cfg.kv_dim() };
     let buffer = ExpertWeights::from_data(cfg, vec![0.0; ExpertWeights::len(cfg)])
         .ok_or_else(|| NodeError::Invalid("an expert buffer of the configured length was rejected".into()))?;
-    let mut experts = PoolExperts { pool: &pool, addrs: &addrs.experts, buffer };
+    let mut experts = PoolExperts { pool, addrs: &addrs.experts, buffer };
     let mut out = RunOutput {
         hidden_states: vec![Vec::new(); workload.sequences.len()],
         expert_tokens: vec![0; cfg.experts],
@@ -468,7 +511,10 @@ pub fn run_node(setup: &Setup<'_>) -> Result<bool> {
     };
     let mut timings = Timings::default();
     let mut busy = Duration::ZERO;
-    let step_failed = |s: usize, phase: &str, e| NodeError::Pool { context: format!("{phase} of sequence {s} failed"), source: step_error(e) };
+    let step_failed = |s: usize, phase: &str, e| NodeError::Pool {
+        context: format!("{phase} of sequence {s} failed"),
+        source: step_error(e),
+    };
 
     let started = Instant::now();
     for &s in &mine {
@@ -480,8 +526,9 @@ pub fn run_node(setup: &Setup<'_>) -> Result<bool> {
     pool.barrier().context(|| "waiting for the prompt keys and values failed".into())?;
     let computing = Instant::now();
     for &s in &mine {
-        let (last, computed) = sequence::prefill(layer, plan, s, &workload.sequences[s], &mut kv, &mut experts, &mut out.expert_tokens)
-            .map_err(|e| step_failed(s, "prefill", e))?;
+        let (last, computed) =
+            sequence::prefill(layer, plan, s, &workload.sequences[s], &mut kv, &mut experts, &mut out.expert_tokens)
+                .map_err(|e| step_failed(s, "prefill", e))?;
         out.hidden_states[s] = last;
         out.computed_tokens += computed as u64;
     }
@@ -496,8 +543,16 @@ pub fn run_node(setup: &Setup<'_>) -> Result<bool> {
             let states = &mut out.hidden_states[s];
             let previous = states[states.len() - cfg.hidden..].to_vec();
             let position = workload.sequences[s].prompt_tokens + step;
-            let row = sequence::decode(layer, &plan.sequences[s], position, &previous, &mut kv, &mut experts, &mut out.expert_tokens)
-                .map_err(|e| step_failed(s, "decode", e))?;
+            let row = sequence::decode(
+                layer,
+                &plan.sequences[s],
+                position,
+                &previous,
+                &mut kv,
+                &mut experts,
+                &mut out.expert_tokens,
+            )
+            .map_err(|e| step_failed(s, "decode", e))?;
             states.extend_from_slice(&row);
             out.computed_tokens += 1;
         }
@@ -506,20 +561,31 @@ pub fn run_node(setup: &Setup<'_>) -> Result<bool> {
         timings.steps.push(started.elapsed());
     }
     let traffic = match traffic_before {
-        Some(before) => Some(difference(&pool.stats().context(|| "reading the traffic counters failed".into())?.traffic, &before)),
+        Some(before) => {
+            Some(difference(&pool.stats().context(|| "reading the traffic counters failed".into())?.traffic, &before))
+        }
         None => None,
     };
 
     // Phase 5: gather the hidden states through pool memory.
     let mut my_outputs: Vec<u64> = Vec::new();
     for &(s, addr) in &outputs {
-        pool.write_slice(addr, &out.hidden_states[s]).context(|| format!("writing the output rows of sequence {s} failed"))?;
+        pool.write_slice(addr, &out.hidden_states[s])
+            .context(|| format!("writing the output rows of sequence {s} failed"))?;
         my_outputs.extend([s as u64, addr.0]);
     }
     pool.barrier().context(|| "waiting for the output rows failed".into())?;
     let gathered = pool.all_gather(&le_bytes(&my_outputs)).context(|| "exchanging output addresses failed".into())?;
     let counts = pool
-        .all_gather(&NodeCounts { expert_tokens: out.expert_tokens.clone(), computed_tokens: out.computed_tokens, written_prompt_tokens: out.written_prompt_tokens, busy }.encode())
+        .all_gather(
+            &NodeCounts {
+                expert_tokens: out.expert_tokens.clone(),
+                computed_tokens: out.computed_tokens,
+                written_prompt_tokens: out.written_prompt_tokens,
+                busy,
+            }
+            .encode(),
+        )
         .context(|| "exchanging token counts failed".into())?;
     let mut equal = true;
     if let Some(weights) = &weights {
@@ -550,7 +616,7 @@ pub fn run_node(setup: &Setup<'_>) -> Result<bool> {
         // Phase 6a: the report, while everything is still allocated.
         let counts = counts.iter().map(|bytes| NodeCounts::decode(bytes, cfg.experts)).collect::<Result<Vec<_>>>()?;
         let traffic = traffic.unwrap_or_default();
-        print_report(&pool, cfg, plan, &addrs, &block_addrs, &counts, &traffic)?;
+        print_report(pool, cfg, plan, &addrs, &block_addrs, &counts, &traffic)?;
         let distributed_out = RunOutput {
             hidden_states: distributed,
             expert_tokens: (0..cfg.experts).map(|e| counts.iter().map(|c| c.expert_tokens[e]).sum()).collect(),
@@ -592,7 +658,7 @@ pub fn run_node(setup: &Setup<'_>) -> Result<bool> {
     let slab_pages: Vec<u64> = allocator.slab_pages.iter().flat_map(|&(home, page)| [home as u64, page]).collect();
     let slab_pages = pool.all_gather(&le_bytes(&slab_pages)).context(|| "exchanging slab pages failed".into())?;
     if me == root {
-        let clean = check_released(&pool, &slab_pages)?;
+        let clean = check_released(pool, &slab_pages)?;
         equal &= clean;
     }
     Ok(equal)
@@ -727,11 +793,7 @@ fn print_report(
 
 /// Returns `after - before`, element by element.
 fn difference(after: &[Vec<u64>], before: &[Vec<u64>]) -> Vec<Vec<u64>> {
-    after
-        .iter()
-        .zip(before)
-        .map(|(a, b)| a.iter().zip(b).map(|(a, b)| a.saturating_sub(*b)).collect())
-        .collect()
+    after.iter().zip(before).map(|(a, b)| a.iter().zip(b).map(|(a, b)| a.saturating_sub(*b)).collect()).collect()
 }
 
 /// Decodes all-gathered `(index, address)` pairs into one address per
@@ -741,11 +803,15 @@ fn decode_pairs(gathered: &[Vec<u8>], len: usize, what: &str) -> Result<Vec<Glob
     for (node, bytes) in gathered.iter().enumerate() {
         let words = words(bytes, what)?;
         for pair in words.chunks_exact(2) {
-            let slot = usize::try_from(pair[0]).ok().and_then(|i| addrs.get_mut(i)).ok_or_else(|| {
-                NodeError::Invalid(format!("node {node} sent {what} {} of only {len}", pair[0]))
-            })?;
+            let slot = usize::try_from(pair[0])
+                .ok()
+                .and_then(|i| addrs.get_mut(i))
+                .ok_or_else(|| NodeError::Invalid(format!("node {node} sent {what} {} of only {len}", pair[0])))?;
             if slot.replace(GlobalAddr(pair[1])).is_some() {
-                return Err(NodeError::Invalid(format!("{what} {} was sent twice; node {node} sent it again", pair[0])));
+                return Err(NodeError::Invalid(format!(
+                    "{what} {} was sent twice; node {node} sent it again",
+                    pair[0]
+                )));
             }
         }
     }

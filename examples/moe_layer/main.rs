@@ -133,6 +133,7 @@ fn run_node(args: &cli::Args) -> Result<ExitCode, Failure> {
     match driver::run_node(&setup) {
         Ok(true) => Ok(ExitCode::SUCCESS),
         Ok(false) => Ok(ExitCode::FAILURE),
+        Err(driver::NodeError::Reported) => Ok(ExitCode::FAILURE),
         Err(e) => Err(Failure::Run(e.to_string())),
     }
 }
