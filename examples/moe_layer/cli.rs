@@ -43,9 +43,9 @@ pub struct Args {
     pub placement: PlacementChoice,
 
     /// Bytes of pool memory each node contributes, such as `512K` or `2G`.
-    /// Defaults to the busiest node's share of the weights plus an even
-    /// share of the KV blocks, so that the KV blocks of the nodes with the
-    /// longest sequences spill to their neighbours.
+    /// Defaults to the busiest node's share of the weights plus twice an
+    /// even share of the KV blocks, so that the KV blocks of the nodes with
+    /// the longest sequences spill to their neighbours.
     #[arg(long, value_parser = parse_capacity)]
     pub node_capacity: Option<u64>,
 

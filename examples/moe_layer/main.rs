@@ -1,7 +1,8 @@
 //! One MoE transformer layer over a batch of requests from the Mooncake
 //! conversation trace, with a paged KV cache whose prompt-prefix blocks are
-//! shared between requests, run across the node processes of a meshmem
-//! pool and checked bit for bit against a single-process reference.
+//! shared between requests. The layer runs across the node processes of a
+//! meshmem pool and is checked bit for bit against a single-process
+//! reference.
 //!
 //! Started by hand, the program picks a batch from the trace, plans which
 //! KV blocks the requests share, sizes each node's pool memory, and starts
