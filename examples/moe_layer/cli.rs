@@ -37,10 +37,17 @@ pub struct Args {
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
 
-    /// Placement policy of the weight pages: local, interleave, balanced,
-    /// nearest or node:N.
-    #[arg(long, default_value = "interleave", value_parser = PlacementChoice::from_str)]
+    /// Placement policy of the weights: expert-parallel, local, interleave,
+    /// balanced, nearest or node:N.
+    #[arg(long, default_value = "expert-parallel", value_parser = PlacementChoice::from_str)]
     pub placement: PlacementChoice,
+
+    /// Bytes of pool memory each node contributes, such as `512K` or `2G`.
+    /// Defaults to the busiest node's share of the weights plus twice an
+    /// even share of the KV blocks, so that the KV blocks of the nodes with
+    /// the longest sequences spill to their neighbours.
+    #[arg(long, value_parser = parse_capacity)]
+    pub node_capacity: Option<u64>,
 
     /// Layer shape.
     #[arg(long, value_enum, default_value_t = Preset::Tiny)]
@@ -80,10 +87,13 @@ impl Args {
 }
 
 /// The placement policy named by `--placement`. It maps onto the pool's
-/// placement when the weights are written: `nearest` means nearest to
-/// node 0, which writes them, and `interleave` stripes over every node.
+/// placement when node 0 writes the weights: `expert-parallel` puts expert
+/// `e` whole on node `e mod N` and interleaves the dense tensors,
+/// `nearest` means nearest to node 0, and `interleave` stripes every
+/// tensor page by page over every node.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PlacementChoice {
+    ExpertParallel,
     Local,
     Interleave,
     Balanced,
@@ -96,6 +106,7 @@ impl FromStr for PlacementChoice {
 
     fn from_str(text: &str) -> Result<Self, String> {
         match text {
+            "expert-parallel" => Ok(PlacementChoice::ExpertParallel),
             "local" => Ok(PlacementChoice::Local),
             "interleave" => Ok(PlacementChoice::Interleave),
             "balanced" => Ok(PlacementChoice::Balanced),
@@ -103,7 +114,8 @@ impl FromStr for PlacementChoice {
             _ => {
                 let Some(id) = text.strip_prefix("node:") else {
                     return Err(format!(
-                        "unknown placement `{text}`; use local, interleave, balanced, nearest or node:N"
+                        "unknown placement `{text}`; use expert-parallel, local, interleave, \
+                         balanced, nearest or node:N"
                     ));
                 };
                 id.parse::<u16>().map(|id| PlacementChoice::Node(NodeId(id))).map_err(|_| {
@@ -117,6 +129,7 @@ impl FromStr for PlacementChoice {
 impl fmt::Display for PlacementChoice {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            PlacementChoice::ExpertParallel => f.write_str("expert-parallel"),
             PlacementChoice::Local => f.write_str("local"),
             PlacementChoice::Interleave => f.write_str("interleave"),
             PlacementChoice::Balanced => f.write_str("balanced"),
@@ -128,6 +141,14 @@ impl fmt::Display for PlacementChoice {
 
 fn parse_mesh(text: &str) -> Result<Mesh3d, String> {
     text.parse::<Mesh3d>().map_err(|e| e.to_string())
+}
+
+fn parse_capacity(text: &str) -> Result<u64, String> {
+    let bytes = meshmem::config::parse_bytes("--node-capacity", text).map_err(|e| e.to_string())?;
+    if bytes < 4096 {
+        return Err(format!("{bytes} bytes is less than one 4 KiB page"));
+    }
+    Ok(bytes)
 }
 
 fn parse_bounded(text: &str, min: usize, max: usize) -> Result<usize, String> {
@@ -179,7 +200,8 @@ mod tests {
         assert_eq!(args.steps, 4);
         assert_eq!(args.batch, 8);
         assert_eq!(args.preset, Preset::Tiny);
-        assert_eq!(args.placement, PlacementChoice::Interleave);
+        assert_eq!(args.placement, PlacementChoice::ExpertParallel);
+        assert!(args.node_capacity.is_none());
         assert!(args.trace.is_none());
         assert!(args.scale.is_none());
         assert!(args.check().is_ok());
@@ -190,6 +212,7 @@ mod tests {
         let args = parse(&[
             "--mesh", "4x2x1:torus", "--steps", "0", "--seed", "9", "--placement", "node:7",
             "--preset", "deepseek-v3", "--trace", "t.jsonl", "--batch", "3", "--scale", "64",
+            "--node-capacity", "3M",
         ])
         .unwrap();
         assert!(args.mesh.wrap);
@@ -199,7 +222,14 @@ mod tests {
         assert_eq!(args.preset, Preset::DeepseekV3);
         assert_eq!(args.batch, 3);
         assert_eq!(args.scale, Some(Scale::new(64).unwrap()));
+        assert_eq!(args.node_capacity, Some(3 << 20));
         assert!(args.check().is_ok());
+    }
+
+    #[test]
+    fn bad_node_capacity() {
+        assert!(rejected(&["--node-capacity", "1K"]).contains("less than one 4 KiB page"));
+        assert!(rejected(&["--node-capacity", "lots"]).contains("lots"));
     }
 
     #[test]
@@ -255,7 +285,7 @@ mod tests {
 
     #[test]
     fn placement_round_trips() {
-        for text in ["local", "interleave", "balanced", "nearest", "node:3"] {
+        for text in ["expert-parallel", "local", "interleave", "balanced", "nearest", "node:3"] {
             assert_eq!(text.parse::<PlacementChoice>().unwrap().to_string(), text);
         }
     }

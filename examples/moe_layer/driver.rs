@@ -1,74 +1,227 @@
 //! The distributed run: the same batch as the reference, with weights and
 //! KV blocks in a meshmem pool spread over the node processes of a mesh.
 //!
-//! NOTE: this module is not compiled yet (`main.rs` declares it under
-//! `#[cfg(any())]`), because it is written against the pool API that the
-//! crate does not export yet. Names may need adjusting when it lands; the
-//! calls it makes are listed in `README.md` beside this file.
-//!
 //! Phases, every node running all of them:
 //!
-//! 1. Join the pool. Node 0 generates the weights, allocates each tensor
-//!    and each expert with `--placement`, writes them, and allocates one
-//!    reference count per KV block. It broadcasts the addresses.
-//! 2. Sequences are owned round-robin. Each node allocates the KV blocks its
-//!    sequences write with `Placement::Nearest(own coordinate)`, which
-//!    spills to the next-nearest node when full, and all-gathers their
-//!    addresses. Every user of a block adds 1 to its count.
+//! 1. Join the pool. Node 0 generates the weights, allocates each dense
+//!    tensor and each expert with `--placement`, writes them, and allocates
+//!    one reference count per KV block. It broadcasts the addresses, and
+//!    every node reads the dense weights into its own memory.
+//! 2. Sequences are owned round-robin. Each node allocates an output row
+//!    buffer per sequence it owns on itself, then, taking turns by node id,
+//!    the KV blocks its sequences write with `Placement::Nearest(own
+//!    coordinate)`, which spills to the next-nearest node when full. Taking
+//!    turns makes the placement the same on every run. The addresses are
+//!    all-gathered, and every user of a block adds 1 to its count with a
+//!    `fetch_add` on node 0's memory.
 //! 3. Prefill: each node writes its prompt keys and values, waits at a
 //!    barrier for the writers of shared blocks, then runs its tokens.
 //! 4. Decode: one step per `--steps`, a barrier after each for the timing.
-//! 5. Each node writes its final hidden states to pool memory; node 0
-//!    gathers them, computes the reference itself and compares bit for bit.
-//! 6. Report, then release: each user subtracts 1 from every block's count,
-//!    and the node that drops a count to 0 frees the block.
+//! 5. Each node writes its final hidden states to pool memory; node 0 reads
+//!    them, computes the reference itself and compares bit for bit.
+//! 6. Report, then release. Each user subtracts 1 from every block's
+//!    count, and the node that drops a count to 0 frees the block. Node 0
+//!    frees the weights and checks that only slab pages stay in use.
+//!
+//! Every weight and cache access goes through `Pool::read_slice` and
+//! `Pool::write_slice`, which count bytes by source and destination node.
+//! On the shared-memory backend a plain load through a mapped page would
+//! move the same bytes without being counted.
 
-use std::time::Instant;
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
 
+use bytemuck::Pod;
+use meshmem::launch::{LaunchReport, LaunchSpec};
 use meshmem::{Config, GlobalAddr, NodeId, Placement, Pool};
 
 use crate::cli::{Args, PlacementChoice};
-use crate::model::{DenseWeights, ExpertSource, ExpertWeights, ModelConfig, Weights};
-use crate::prefix::{BlockId, SharingPlan};
+use crate::model::{DenseWeights, ExpertSource, ExpertWeights, ModelConfig, Weights, F32_BYTES};
+use crate::prefix::{BlockId, SharingPlan, KV_BLOCK_TOKENS};
 use crate::reference::{self, RunOutput, Timings};
-use crate::report::{self, NodeHoldings, TrafficSummary};
-use crate::sequence::{self, block_values, KvStore, Layer, Workload, KV_BLOCK_TOKENS};
+use crate::report::{self, format_bytes, NodeHoldings, TrafficSummary};
+use crate::sequence::{self, block_values, KvStore, Layer, Workload};
 
-/// Page size assumed when looking up which node homes each page of an
-/// allocation for the report: the pool's 2 MiB default.
-const REPORT_PAGE_BYTES: u64 = 2 << 20;
+/// The pool's default page size, the largest this example picks.
+const MAX_PAGE_BYTES: u64 = 2 << 20;
 
-/// Returns whether this process was started as a node by a launcher, which
-/// sets `RANK`.
-pub fn is_node() -> bool {
-    std::env::var_os("RANK").is_some()
+/// The smallest page size the pool accepts, the x86-64 base page.
+const MIN_PAGE_BYTES: u64 = 4096;
+
+/// Error of one node's run.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// A pool call failed; `context` describes what the node was doing.
+    #[error("{context}: {source}")]
+    Pool {
+        context: String,
+        #[source]
+        source: meshmem::Error,
+    },
+
+    /// Data from another node or from pool memory is not what this node
+    /// expects.
+    #[error("{0}")]
+    Invalid(String),
+
+    /// The node failed after joining and has already written its error.
+    #[error("the node failed; its error is written above")]
+    Reported,
 }
 
-/// Starts `args.mesh.len()` copies of this program as the nodes of a group
-/// and waits for them.
-pub fn launch(args: &Args) -> meshmem::Result<()> {
-    let program = std::env::current_exe()
-        .map_err(|e| meshmem::Error::Launch { reason: "cannot find this program".into(), source: Some(e) })?;
-    let spec = meshmem::launch::LaunchSpec {
-        mesh: args.mesh,
-        program,
-        args: std::env::args_os().skip(1).collect(),
-        ..Default::default()
+/// How long a node whose collective failed waits before it writes its
+/// error and exits. A collective fails on every node once one node dies,
+/// and the launcher names the first node that exits non-zero and stops the
+/// others. The wait lets it name the node that failed first, and is
+/// shorter than the launcher's grace period, `meshmem::launch::DEFAULT_GRACE`.
+const COLLECTIVE_FAILURE_WAIT: Duration = Duration::from_secs(2);
+
+type Result<T> = std::result::Result<T, NodeError>;
+
+/// Adds what the node was doing to a pool error.
+trait Context<T> {
+    fn context(self, describe: impl FnOnce() -> String) -> Result<T>;
+}
+
+impl<T> Context<T> for meshmem::Result<T> {
+    fn context(self, describe: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|source| NodeError::Pool { context: describe(), source })
+    }
+}
+
+/// Returns the page size for `cfg`: the smallest power of two that holds
+/// one KV block, from 4 KiB to 2 MiB. Each KV block is then one page, so
+/// that `Placement::Nearest` places and spills blocks one by one.
+pub fn page_size(cfg: &ModelConfig) -> u64 {
+    report::block_bytes(cfg).next_power_of_two().clamp(MIN_PAGE_BYTES, MAX_PAGE_BYTES)
+}
+
+/// Returns whether an allocation of `bytes` comes from a slab page rather
+/// than whole pages. Slab pages stay in use after their blocks are freed.
+fn is_slab_sized(bytes: u64, align: usize, page: u64) -> bool {
+    meshmem::alloc::slab::class_of(bytes as usize, align, page).is_some()
+}
+
+/// Returns the whole pages an allocation of `bytes` takes; 0 for slab-sized
+/// ones, which share pages.
+fn whole_pages(bytes: u64, page: u64) -> u64 {
+    if is_slab_sized(bytes, std::mem::align_of::<u64>(), page) {
+        0
+    } else {
+        bytes.div_ceil(page)
+    }
+}
+
+/// Bytes of each dense tensor, in the order of [`DenseWeights::tensors`].
+fn dense_tensor_bytes(cfg: &ModelConfig) -> [u64; 7] {
+    let (h, q, kv) = (cfg.hidden, cfg.q_dim(), cfg.kv_dim());
+    [h, q * h, kv * h, kv * h, h * q, h, cfg.experts * h].map(|values| values as u64 * F32_BYTES)
+}
+
+/// Returns the default node capacity in bytes: the weight pages that
+/// `choice` puts on its busiest node, twice an even share of the KV
+/// blocks, the reference counts and output rows, and room for slab pages.
+/// The total over all nodes holds everything, but a node whose sequences
+/// write more than that share of the KV blocks spills to its neighbours.
+pub fn default_node_capacity(
+    cfg: &ModelConfig,
+    choice: PlacementChoice,
+    nodes: usize,
+    plan: &SharingPlan,
+    steps: usize,
+) -> u64 {
+    let page = page_size(cfg);
+    let nodes = nodes as u64;
+    let expert = whole_pages(cfg.expert_bytes(), page);
+    let dense = dense_tensor_bytes(cfg).map(|bytes| whole_pages(bytes, page));
+    let dense_spread: u64 = dense.iter().map(|p| p.div_ceil(nodes)).sum();
+    let experts = cfg.experts as u64;
+    let weights = match choice {
+        PlacementChoice::ExpertParallel => experts.div_ceil(nodes) * expert + dense_spread,
+        PlacementChoice::Interleave | PlacementChoice::Balanced => experts * expert.div_ceil(nodes) + dense_spread,
+        PlacementChoice::Local | PlacementChoice::Node(_) | PlacementChoice::Nearest => {
+            experts * expert + dense.iter().sum::<u64>()
+        }
     };
-    meshmem::launch::launch(&spec)
+
+    let blocks = plan.blocks() as u64;
+    let kv = 2 * blocks.div_ceil(nodes) * whole_pages(report::block_bytes(cfg), page).max(1);
+    let ref_counts = whole_pages(blocks * 8, page);
+    let sequences = plan.sequences.len() as u64;
+    let outputs = sequences.div_ceil(nodes) * whole_pages(output_values(cfg, steps) as u64 * F32_BYTES, page);
+    // Each node process keeps its own slab pages, on whichever node its
+    // small allocations go to: one per process and size class is the most
+    // this run creates on one node, plus a few for the size classes.
+    let slabs = nodes + 4;
+    (weights + kv + ref_counts + outputs + slabs) * page
 }
 
-/// Maps `--placement` onto the pool's policy for weights written by node 0.
-fn placement(choice: PlacementChoice, pool: &Pool) -> meshmem::Result<Placement> {
-    Ok(match choice {
+/// Values of one sequence's output: the row of its last prompt token and
+/// one row per decode step.
+fn output_values(cfg: &ModelConfig, steps: usize) -> usize {
+    (steps + 1) * cfg.hidden
+}
+
+/// Starts `args.mesh.len()` copies of this program, with the same
+/// arguments, as the nodes of a group, and waits for them. Node output goes
+/// straight to this process's stdout and stderr, without the launcher's
+/// per-line prefix, so that node 0's report reads as one block.
+pub fn launch(args: &Args, node_capacity: u64, page: u64) -> meshmem::Result<LaunchReport> {
+    let program = std::env::current_exe().map_err(|e| meshmem::Error::Launch {
+        reason: "cannot find the path of this program to start it on every node".into(),
+        source: Some(e),
+    })?;
+    let mut spec = LaunchSpec::new(args.mesh, program);
+    spec.args = std::env::args_os().skip(1).collect();
+    spec.env = vec![
+        ("MESHMEM_NODE_CAPACITY".into(), node_capacity.to_string().into()),
+        ("MESHMEM_PAGE_SIZE".into(), page.to_string().into()),
+    ];
+    spec.prefix_output = false;
+    meshmem::launch::supervise(&spec)
+}
+
+/// Maps `--placement` onto the pool's policy for one weight tensor that
+/// node 0 writes; `expert` is the expert's index, `None` for a dense
+/// tensor.
+fn placement(choice: PlacementChoice, pool: &Pool, expert: Option<usize>) -> Placement {
+    let mesh = pool.mesh();
+    match choice {
+        PlacementChoice::ExpertParallel => match expert {
+            Some(e) => Placement::Node(NodeId((e % pool.size()) as u16)),
+            None => Placement::interleave_all(&mesh),
+        },
         PlacementChoice::Local => Placement::Local,
         PlacementChoice::Node(node) => Placement::Node(node),
-        PlacementChoice::Nearest => Placement::Nearest(pool.mesh().coord(pool.node())?),
+        PlacementChoice::Nearest => Placement::Nearest(pool.coord()),
         PlacementChoice::Balanced => Placement::Balanced,
-        PlacementChoice::Interleave => {
-            Placement::Interleave { nodes: pool.mesh().nodes().collect(), pages_per_stripe: 1 }
+        PlacementChoice::Interleave => Placement::interleave_all(&mesh),
+    }
+}
+
+/// Allocates through a pool and remembers the slab pages its small
+/// allocations landed in, which the allocator keeps after they are freed.
+struct Allocator<'a> {
+    pool: &'a Pool,
+    /// `(home node, page address)` of each slab page used.
+    slab_pages: BTreeSet<(u16, u64)>,
+}
+
+impl<'a> Allocator<'a> {
+    fn new(pool: &'a Pool) -> Self {
+        Allocator { pool, slab_pages: BTreeSet::new() }
+    }
+
+    fn alloc<T: Pod>(&mut self, len: usize, placement: Placement) -> meshmem::Result<GlobalAddr> {
+        let addr = self.pool.alloc_slice::<T>(len, placement)?.addr();
+        let page = self.pool.page_size() as u64;
+        let bytes = (len * std::mem::size_of::<T>()) as u64;
+        if is_slab_sized(bytes, std::mem::align_of::<T>(), page) {
+            let home = self.pool.home_of(addr)?;
+            self.slab_pages.insert((home.0, addr.0 / page * page));
         }
-    })
+        Ok(addr)
+    }
 }
 
 /// Addresses of everything node 0 allocates, as broadcast to every node.
@@ -79,29 +232,36 @@ struct WeightAddrs {
     ref_counts: GlobalAddr,
 }
 
+/// Number of dense tensors, as [`DenseWeights::tensors`] lists them.
+const DENSE_TENSORS: usize = 7;
+
 impl WeightAddrs {
     fn encode(&self) -> Vec<u8> {
-        let words: Vec<u64> = self
-            .dense
-            .iter()
-            .chain(&self.experts)
-            .chain(std::iter::once(&self.ref_counts))
-            .map(|a| a.0)
-            .collect();
+        let words: Vec<u64> =
+            self.dense.iter().chain(&self.experts).chain(std::iter::once(&self.ref_counts)).map(|a| a.0).collect();
         le_bytes(&words)
     }
 
-    fn decode(bytes: &[u8], experts: usize) -> Option<Self> {
-        let words = words(bytes)?;
-        let dense_len = 7;
-        if words.len() != dense_len + experts + 1 {
-            return None;
+    fn decode(bytes: &[u8], experts: usize) -> Result<Self> {
+        let words = words(bytes, "weight addresses")?;
+        if words.len() != DENSE_TENSORS + experts + 1 {
+            return Err(NodeError::Invalid(format!(
+                "node 0 broadcast {} weight addresses, expected {} for {DENSE_TENSORS} dense tensors, \
+                 {experts} experts and the reference counts; every node must run the same build and options",
+                words.len(),
+                DENSE_TENSORS + experts + 1
+            )));
         }
-        Some(WeightAddrs {
-            dense: words[..dense_len].iter().map(|&w| GlobalAddr(w)).collect(),
-            experts: words[dense_len..dense_len + experts].iter().map(|&w| GlobalAddr(w)).collect(),
-            ref_counts: GlobalAddr(words[dense_len + experts]),
+        let addr = |w: &u64| GlobalAddr(*w);
+        Ok(WeightAddrs {
+            dense: words[..DENSE_TENSORS].iter().map(addr).collect(),
+            experts: words[DENSE_TENSORS..DENSE_TENSORS + experts].iter().map(addr).collect(),
+            ref_counts: GlobalAddr(words[DENSE_TENSORS + experts]),
         })
+    }
+
+    fn count_addr(&self, block: BlockId) -> GlobalAddr {
+        self.ref_counts.add(block.0 as u64 * 8)
     }
 }
 
@@ -109,125 +269,240 @@ impl WeightAddrs {
 /// every byte is counted by source and destination.
 struct PoolKv<'a> {
     pool: &'a Pool,
-    blocks: Vec<GlobalAddr>,
+    blocks: &'a [GlobalAddr],
     kv_dim: usize,
+}
+
+impl PoolKv<'_> {
+    /// Bytes of the keys of one block, after which its values start.
+    fn keys_bytes(&self) -> u64 {
+        (KV_BLOCK_TOKENS * self.kv_dim) as u64 * F32_BYTES
+    }
 }
 
 impl KvStore for PoolKv<'_> {
     type Error = meshmem::Error;
 
     fn write_token(&mut self, block: BlockId, slot: usize, key: &[f32], value: &[f32]) -> meshmem::Result<()> {
-        let base = self.blocks[block.index()].0;
-        let row = (self.kv_dim * 4) as u64;
-        let values_offset = KV_BLOCK_TOKENS as u64 * row;
-        self.pool.write_slice(GlobalAddr(base + slot as u64 * row), key)?;
-        self.pool.write_slice(GlobalAddr(base + values_offset + slot as u64 * row), value)
+        let base = self.blocks[block.index()];
+        let row = (slot * self.kv_dim) as u64 * F32_BYTES;
+        self.pool.write_slice(base.add(row), key)?;
+        self.pool.write_slice(base.add(self.keys_bytes() + row), value)
     }
 
     fn read_block(&mut self, block: BlockId, keys: &mut [f32], values: &mut [f32]) -> meshmem::Result<()> {
-        let base = self.blocks[block.index()].0;
-        let values_offset = (KV_BLOCK_TOKENS * self.kv_dim * 4) as u64;
-        self.pool.read_slice(GlobalAddr(base), keys)?;
-        self.pool.read_slice(GlobalAddr(base + values_offset), values)
+        let base = self.blocks[block.index()];
+        self.pool.read_slice(base, keys)?;
+        self.pool.read_slice(base.add(self.keys_bytes()), values)
     }
 }
 
-/// Experts read from pool memory on first use and kept for the run.
-///
-/// NOTE: because experts are kept, the traffic report counts each expert
-/// once per node that uses it, not once per token routed to it.
+/// Experts read from pool memory each time a token is routed to them, into
+/// one buffer, so that the traffic counts the weight bytes every routed
+/// token reads and a node never keeps more than one expert in memory.
 struct PoolExperts<'a> {
     pool: &'a Pool,
-    cfg: &'a ModelConfig,
     addrs: &'a [GlobalAddr],
-    cache: Vec<Option<ExpertWeights>>,
+    buffer: ExpertWeights,
 }
 
 impl ExpertSource for PoolExperts<'_> {
     type Error = meshmem::Error;
 
     fn expert(&mut self, expert: usize) -> meshmem::Result<&ExpertWeights> {
-        if self.cache[expert].is_none() {
-            let mut data = vec![0.0f32; ExpertWeights::len(self.cfg)];
-            self.pool.read_slice(self.addrs[expert], &mut data)?;
-            self.cache[expert] = ExpertWeights::from_data(self.cfg, data);
+        self.pool.read_slice(self.addrs[expert], &mut self.buffer.data)?;
+        Ok(&self.buffer)
+    }
+}
+
+/// The options, layer, batch and plan of the run, with the printer of the
+/// setup that node 0 writes above its report.
+pub struct Setup<'a> {
+    pub args: &'a Args,
+    pub cfg: &'a ModelConfig,
+    pub workload: &'a Workload,
+    pub plan: &'a SharingPlan,
+    /// Prints the layer and the trace.
+    pub print: &'a dyn Fn(),
+}
+
+/// Per-node results that node 0 gathers for the report.
+struct NodeCounts {
+    expert_tokens: Vec<u64>,
+    computed_tokens: u64,
+    written_prompt_tokens: u64,
+    busy: Duration,
+}
+
+impl NodeCounts {
+    fn encode(&self) -> Vec<u8> {
+        let mut words = self.expert_tokens.clone();
+        words.extend([self.computed_tokens, self.written_prompt_tokens, self.busy.as_nanos() as u64]);
+        le_bytes(&words)
+    }
+
+    fn decode(bytes: &[u8], experts: usize) -> Result<Self> {
+        let words = words(bytes, "token counts")?;
+        if words.len() != experts + 3 {
+            return Err(NodeError::Invalid(format!(
+                "a node sent {} token counts, expected {} for {experts} experts",
+                words.len(),
+                experts + 3
+            )));
         }
-        Ok(self.cache[expert].as_ref().expect("filled above with a buffer of the right length"))
+        Ok(NodeCounts {
+            expert_tokens: words[..experts].to_vec(),
+            computed_tokens: words[experts],
+            written_prompt_tokens: words[experts + 1],
+            busy: Duration::from_nanos(words[experts + 2]),
+        })
     }
 }
 
 /// Runs this node's part of the batch. Node 0 prints the comparison and
-/// the report; it returns `Ok(false)` if the results differ.
-pub fn run_node(args: &Args, cfg: &ModelConfig, workload: &Workload, plan: &SharingPlan) -> meshmem::Result<bool> {
-    // Phase 1: join, and place the weights from node 0.
-    let pool = Pool::join(Config::from_env()?)?;
+/// the report; it returns `Ok(false)` if the results differ or pages stay
+/// in use after everything was freed.
+///
+/// An error after joining is written to stderr while the pool is still
+/// open, because leaving the group makes the other nodes fail and the
+/// launcher may stop this node before it writes anything. That error is
+/// returned as [`NodeError::Reported`].
+pub fn run_node(setup: &Setup<'_>) -> Result<bool> {
+    let pool = Config::from_env().and_then(Pool::join).context(|| "joining the group failed".into())?;
+    match run_joined(&pool, setup) {
+        Ok(equal) => Ok(equal),
+        Err(e) => {
+            if matches!(e, NodeError::Pool { source: meshmem::Error::Collective { .. }, .. }) {
+                std::thread::sleep(COLLECTIVE_FAILURE_WAIT);
+            }
+            // One write, so that lines of different nodes do not mix.
+            let line = format!("error: node {} {}: {e}\n", pool.node(), pool.coord());
+            let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
+            Err(NodeError::Reported)
+        }
+    }
+}
+
+fn run_joined(pool: &Pool, setup: &Setup<'_>) -> Result<bool> {
+    let (args, cfg, workload, plan) = (setup.args, setup.cfg, setup.workload, setup.plan);
+
+    // Phase 1: place the weights from node 0.
     let me = pool.node();
     let nodes = pool.size();
     let root = NodeId(0);
+    let mut allocator = Allocator::new(pool);
+    let mut weights = None;
     let mut addrs_bytes = Vec::new();
     if me == root {
-        let weights = Weights::generate(cfg, workload.seed);
-        let policy = placement(args.placement, &pool)?;
+        (setup.print)();
+        println!(
+            "mesh {}, weights placed {}, node capacity {}, page size {}",
+            pool.mesh(),
+            args.placement,
+            format_bytes(pool.node_capacity()),
+            format_bytes(pool.page_size() as u64)
+        );
+        report::print_plan(cfg, workload, plan, &pool.mesh());
+        let started = Instant::now();
+        let generated = Weights::generate(cfg, workload.seed);
+        let generated_in = started.elapsed();
+        let started = Instant::now();
         let mut dense = Vec::new();
-        for (_, tensor) in weights.dense.tensors() {
-            let slice = pool.alloc_slice::<f32>(tensor.len(), policy.clone())?;
-            pool.write_slice(slice.addr(), tensor)?;
-            dense.push(slice.addr());
+        for (name, tensor) in generated.dense.tensors() {
+            let addr = allocator.alloc::<f32>(tensor.len(), placement(args.placement, pool, None)).context(|| {
+                format!("placing the dense tensor {name} of {} failed", format_bytes(tensor.len() as u64 * F32_BYTES))
+            })?;
+            pool.write_slice(addr, tensor).context(|| format!("writing the dense tensor {name} failed"))?;
+            dense.push(addr);
         }
         let mut experts = Vec::new();
-        for expert in &weights.experts {
-            let slice = pool.alloc_slice::<f32>(expert.data.len(), policy.clone())?;
-            pool.write_slice(slice.addr(), &expert.data)?;
-            experts.push(slice.addr());
+        for (e, expert) in generated.experts.iter().enumerate() {
+            let addr =
+                allocator.alloc::<f32>(expert.data.len(), placement(args.placement, pool, Some(e))).context(|| {
+                    format!(
+                        "placing expert {e} of {} with --placement {} failed; raise --node-capacity",
+                        format_bytes(cfg.expert_bytes()),
+                        args.placement
+                    )
+                })?;
+            pool.write_slice(addr, &expert.data).context(|| format!("writing expert {e} failed"))?;
+            experts.push(addr);
         }
-        let counts = pool.alloc_slice::<u64>(plan.blocks(), Placement::Local)?;
-        pool.write_slice(counts.addr(), &vec![0u64; plan.blocks()])?;
-        addrs_bytes = WeightAddrs { dense, experts, ref_counts: counts.addr() }.encode();
+        let ref_counts = allocator
+            .alloc::<u64>(plan.blocks(), Placement::Local)
+            .context(|| format!("allocating {} KV block reference counts failed", plan.blocks()))?;
+        pool.write_slice(ref_counts, &vec![0u64; plan.blocks()])
+            .context(|| "zeroing the reference counts failed".into())?;
+        addrs_bytes = WeightAddrs { dense, experts, ref_counts }.encode();
+        println!();
+        println!(
+            "weights generated from seed {} in {:.3} s on node 0, placed and written in {:.3} s",
+            workload.seed,
+            generated_in.as_secs_f64(),
+            started.elapsed().as_secs_f64()
+        );
+        weights = Some(generated);
     }
-    let addrs_bytes = pool.broadcast(root, &addrs_bytes)?;
-    let addrs = WeightAddrs::decode(&addrs_bytes, cfg.experts).ok_or_else(|| meshmem::Error::Collective {
-        op: "broadcast",
-        reason: format!("weight addresses of {} bytes do not match {} experts", addrs_bytes.len(), cfg.experts),
-        source: None,
-    })?;
-
+    let addrs_bytes = pool.broadcast(root, &addrs_bytes).context(|| "receiving the weight addresses failed".into())?;
+    let addrs = WeightAddrs::decode(&addrs_bytes, cfg.experts)?;
     let mut dense = DenseWeights::zeroed(cfg);
     for (tensor, &addr) in dense.tensors_mut().into_iter().zip(&addrs.dense) {
-        pool.read_slice(addr, tensor)?;
+        pool.read_slice(addr, tensor).context(|| format!("reading a dense tensor at {addr} failed"))?;
     }
 
-    // Phase 2: KV blocks near their writer's owner, and the user counts.
+    // Phase 2: output rows on this node, KV blocks near their writer's
+    // owner, and the user counts. Output rows come first, so that KV
+    // blocks spilled here from other nodes cannot take their room.
     let mine: Vec<usize> = (0..workload.sequences.len()).filter(|&s| report::owner(s, nodes) == me).collect();
-    let near_me = Placement::Nearest(pool.mesh().coord(me)?);
+    let row_values = output_values(cfg, workload.steps);
+    let mut outputs = Vec::new();
+    for &s in &mine {
+        let addr = allocator
+            .alloc::<f32>(row_values, Placement::Local)
+            .context(|| format!("allocating the output rows of sequence {s} failed; raise --node-capacity"))?;
+        outputs.push((s, addr));
+    }
+    pool.barrier().context(|| "waiting for the output rows failed".into())?;
+
+    let near_me = Placement::Nearest(pool.coord());
     let mut my_blocks: Vec<u64> = Vec::new();
-    for (block, &writer) in plan.writer.iter().enumerate() {
-        if report::owner(writer, nodes) == me {
-            let slice = pool.alloc_slice::<f32>(block_values(cfg), near_me.clone())?;
-            my_blocks.extend([block as u64, slice.addr().0]);
+    for turn in pool.mesh().nodes() {
+        if turn == me {
+            for (block, &writer) in plan.writer.iter().enumerate() {
+                if report::owner(writer, nodes) == me {
+                    let addr = allocator.alloc::<f32>(block_values(cfg), near_me.clone()).context(|| {
+                        format!("allocating KV block {block} of sequence {writer} near node {me} failed; raise --node-capacity")
+                    })?;
+                    my_blocks.extend([block as u64, addr.0]);
+                }
+            }
         }
+        pool.barrier().context(|| format!("waiting for node {turn} to allocate its KV blocks failed"))?;
     }
-    let mut block_addrs = vec![GlobalAddr(0); plan.blocks()];
-    for bytes in pool.all_gather(&le_bytes(&my_blocks))? {
-        let words = words(&bytes).ok_or_else(|| meshmem::Error::Collective {
-            op: "all_gather",
-            reason: format!("block address list of {} bytes is not whole u64 words", bytes.len()),
-            source: None,
-        })?;
-        for pair in words.chunks_exact(2) {
-            block_addrs[pair[0] as usize] = GlobalAddr(pair[1]);
-        }
-    }
-    let count_addr = |block: BlockId| GlobalAddr(addrs.ref_counts.0 + block.0 as u64 * 8);
+    let gathered = pool.all_gather(&le_bytes(&my_blocks)).context(|| "exchanging KV block addresses failed".into())?;
+    let block_addrs = decode_pairs(&gathered, plan.blocks(), "KV block")?;
     for &s in &mine {
         for &block in &plan.sequences[s].table {
-            pool.fetch_add_u64(count_addr(block), 1)?;
+            pool.fetch_add_u64(addrs.count_addr(block), 1)
+                .context(|| format!("counting sequence {s} as a user of KV block {} failed", block.0))?;
         }
     }
+    pool.barrier().context(|| "waiting for the reference counts failed".into())?;
+    let traffic_before = match me == root {
+        true => {
+            check_ref_counts(pool, cfg, plan, &addrs)?;
+            Some(pool.stats().context(|| "reading the traffic counters failed".into())?.traffic)
+        }
+        false => None,
+    };
+    pool.barrier().context(|| "waiting for node 0 to read the traffic counters failed".into())?;
 
     // Phase 3: prefill.
     let layer = Layer { cfg, dense: &dense, seed: workload.seed, scale: workload.scale };
-    let mut kv = PoolKv { pool: &pool, blocks: block_addrs.clone(), kv_dim: cfg.kv_dim() };
-    let mut experts = PoolExperts { pool: &pool, cfg, addrs: &addrs.experts, cache: vec![None; cfg.experts] };
+    let mut kv = PoolKv { pool, blocks: &block_addrs, kv_dim: cfg.kv_dim() };
+    let buffer = ExpertWeights::from_data(cfg, vec![0.0; ExpertWeights::len(cfg)])
+        .ok_or_else(|| NodeError::Invalid("an expert buffer of the configured length was rejected".into()))?;
+    let mut experts = PoolExperts { pool, addrs: &addrs.experts, buffer };
     let mut out = RunOutput {
         hidden_states: vec![Vec::new(); workload.sequences.len()],
         expert_tokens: vec![0; cfg.experts],
@@ -235,22 +510,30 @@ pub fn run_node(args: &Args, cfg: &ModelConfig, workload: &Workload, plan: &Shar
         written_prompt_tokens: 0,
     };
     let mut timings = Timings::default();
-    let step_error = |e: sequence::StepError<meshmem::Error, meshmem::Error>| match e {
-        sequence::StepError::Kv(e) | sequence::StepError::Expert(e) => e,
+    let mut busy = Duration::ZERO;
+    let step_failed = |s: usize, phase: &str, e| NodeError::Pool {
+        context: format!("{phase} of sequence {s} failed"),
+        source: step_error(e),
     };
 
     let started = Instant::now();
     for &s in &mine {
-        out.written_prompt_tokens += sequence::write_prompt_kv(layer, plan, s, &workload.sequences[s], &mut kv)? as u64;
+        let written = sequence::write_prompt_kv(layer, plan, s, &workload.sequences[s], &mut kv)
+            .context(|| format!("writing the prompt keys and values of sequence {s} failed"))?;
+        out.written_prompt_tokens += written as u64;
     }
-    pool.barrier()?;
+    busy += started.elapsed();
+    pool.barrier().context(|| "waiting for the prompt keys and values failed".into())?;
+    let computing = Instant::now();
     for &s in &mine {
-        let (last, computed) = sequence::prefill(layer, plan, s, &workload.sequences[s], &mut kv, &mut experts, &mut out.expert_tokens)
-            .map_err(step_error)?;
+        let (last, computed) =
+            sequence::prefill(layer, plan, s, &workload.sequences[s], &mut kv, &mut experts, &mut out.expert_tokens)
+                .map_err(|e| step_failed(s, "prefill", e))?;
         out.hidden_states[s] = last;
         out.computed_tokens += computed as u64;
     }
-    pool.barrier()?;
+    busy += computing.elapsed();
+    pool.barrier().context(|| "waiting for the prefill failed".into())?;
     timings.prefill = started.elapsed();
 
     // Phase 4: decode.
@@ -260,126 +543,283 @@ pub fn run_node(args: &Args, cfg: &ModelConfig, workload: &Workload, plan: &Shar
             let states = &mut out.hidden_states[s];
             let previous = states[states.len() - cfg.hidden..].to_vec();
             let position = workload.sequences[s].prompt_tokens + step;
-            let row = sequence::decode(layer, &plan.sequences[s], position, &previous, &mut kv, &mut experts, &mut out.expert_tokens)
-                .map_err(step_error)?;
+            let row = sequence::decode(
+                layer,
+                &plan.sequences[s],
+                position,
+                &previous,
+                &mut kv,
+                &mut experts,
+                &mut out.expert_tokens,
+            )
+            .map_err(|e| step_failed(s, "decode", e))?;
             states.extend_from_slice(&row);
             out.computed_tokens += 1;
         }
-        pool.barrier()?;
+        busy += started.elapsed();
+        pool.barrier().context(|| format!("waiting for decode step {step} failed"))?;
         timings.steps.push(started.elapsed());
     }
+    let traffic = match traffic_before {
+        Some(before) => {
+            Some(difference(&pool.stats().context(|| "reading the traffic counters failed".into())?.traffic, &before))
+        }
+        None => None,
+    };
 
     // Phase 5: gather the hidden states through pool memory.
-    let row_values = (workload.steps + 1) * cfg.hidden;
     let mut my_outputs: Vec<u64> = Vec::new();
-    for &s in &mine {
-        let slice = pool.alloc_slice::<f32>(row_values, Placement::Local)?;
-        pool.write_slice(slice.addr(), &out.hidden_states[s])?;
-        my_outputs.extend([s as u64, slice.addr().0]);
+    for &(s, addr) in &outputs {
+        pool.write_slice(addr, &out.hidden_states[s])
+            .context(|| format!("writing the output rows of sequence {s} failed"))?;
+        my_outputs.extend([s as u64, addr.0]);
     }
-    let gathered = pool.all_gather(&le_bytes(&my_outputs))?;
-    let mut equal = true;
-    if me == root {
-        let mut distributed = vec![vec![0.0f32; row_values]; workload.sequences.len()];
-        for bytes in &gathered {
-            let words = words(bytes).unwrap_or_default();
-            for pair in words.chunks_exact(2) {
-                pool.read_slice(GlobalAddr(pair[1]), &mut distributed[pair[0] as usize])?;
+    pool.barrier().context(|| "waiting for the output rows failed".into())?;
+    let gathered = pool.all_gather(&le_bytes(&my_outputs)).context(|| "exchanging output addresses failed".into())?;
+    let counts = pool
+        .all_gather(
+            &NodeCounts {
+                expert_tokens: out.expert_tokens.clone(),
+                computed_tokens: out.computed_tokens,
+                written_prompt_tokens: out.written_prompt_tokens,
+                busy,
             }
+            .encode(),
+        )
+        .context(|| "exchanging token counts failed".into())?;
+    let mut equal = true;
+    if let Some(weights) = &weights {
+        let output_addrs = decode_pairs(&gathered, workload.sequences.len(), "output")?;
+        let mut distributed = vec![vec![0.0f32; row_values]; workload.sequences.len()];
+        for (s, (&addr, row)) in output_addrs.iter().zip(&mut distributed).enumerate() {
+            pool.read_slice(addr, row).context(|| format!("reading the output rows of sequence {s} failed"))?;
         }
-        let weights = Weights::generate(cfg, workload.seed);
-        let (expected, _) = reference::run(cfg, &weights, workload, plan).map_err(|e| meshmem::Error::Collective {
-            op: "reference",
-            reason: e.to_string(),
-            source: None,
-        })?;
+        let started = Instant::now();
+        let (expected, _) = reference::run(cfg, weights, workload, plan)
+            .map_err(|e| NodeError::Invalid(format!("the reference run on node 0 failed: {e}")))?;
+        let reference_time = started.elapsed();
         let comparison = reference::compare(&expected.hidden_states, &distributed);
         equal = comparison.equal();
+        println!();
         println!("equal: {equal} ({} values compared)", comparison.compared);
         if let Some((seq, index, want, got)) = comparison.first_mismatch {
-            println!("first difference: sequence {seq}, value {index}: reference {want:e}, distributed {got:e}");
+            println!(
+                "first difference: sequence {seq}, value {index}: reference {want:e}, distributed {got:e}; {} values differ",
+                comparison.mismatches
+            );
         }
+        if let Some(shape) = &comparison.shape_mismatch {
+            println!("shapes differ: {shape}");
+        }
+        println!("reference computed on node 0 in {:.3} s", reference_time.as_secs_f64());
+
+        // Phase 6a: the report, while everything is still allocated.
+        let counts = counts.iter().map(|bytes| NodeCounts::decode(bytes, cfg.experts)).collect::<Result<Vec<_>>>()?;
+        let traffic = traffic.unwrap_or_default();
+        print_report(pool, cfg, plan, &addrs, &block_addrs, &counts, &traffic)?;
+        let distributed_out = RunOutput {
+            hidden_states: distributed,
+            expert_tokens: (0..cfg.experts).map(|e| counts.iter().map(|c| c.expert_tokens[e]).sum()).collect(),
+            computed_tokens: counts.iter().map(|c| c.computed_tokens).sum(),
+            written_prompt_tokens: counts.iter().map(|c| c.written_prompt_tokens).sum(),
+        };
+        report::print_run("distributed", &distributed_out, &timings);
     }
 
-    // Phase 6: report from node 0, then release the KV blocks.
-    // Per node: tokens per expert, then tokens computed, then prompt
-    // tokens written.
-    let mut counts = out.expert_tokens.clone();
-    counts.extend([out.computed_tokens, out.written_prompt_tokens]);
-    let all_counts = pool.all_gather(&le_bytes(&counts))?;
-    if me == root {
-        print_report(&pool, cfg, &addrs, &block_addrs, &all_counts, &timings)?;
-    }
-    pool.barrier()?;
+    // Phase 6b: release. The last user of a KV block frees it.
+    pool.barrier().context(|| "waiting for the report failed".into())?;
     for &s in &mine {
         for &block in &plan.sequences[s].table {
-            let before = pool.fetch_add_u64(count_addr(block), u64::MAX)?;
+            let before = pool
+                .fetch_add_u64(addrs.count_addr(block), u64::MAX)
+                .context(|| format!("releasing KV block {} from sequence {s} failed", block.0))?;
+            if before == 0 {
+                return Err(NodeError::Invalid(format!(
+                    "KV block {} had no users left when sequence {s} released it",
+                    block.0
+                )));
+            }
             if before == 1 {
-                pool.free(block_addrs[block.index()])?;
+                let addr = block_addrs[block.index()];
+                pool.free(addr).context(|| format!("freeing KV block {} at {addr} failed", block.0))?;
             }
         }
     }
-    pool.barrier()?;
+    for &(s, addr) in &outputs {
+        pool.free(addr).context(|| format!("freeing the output rows of sequence {s} failed"))?;
+    }
+    pool.barrier().context(|| "waiting for the KV blocks to be freed failed".into())?;
+    if me == root {
+        for (i, &addr) in addrs.dense.iter().chain(&addrs.experts).enumerate() {
+            pool.free(addr).context(|| format!("freeing weight tensor {i} at {addr} failed"))?;
+        }
+        pool.free(addrs.ref_counts).context(|| "freeing the reference counts failed".into())?;
+    }
+    let slab_pages: Vec<u64> = allocator.slab_pages.iter().flat_map(|&(home, page)| [home as u64, page]).collect();
+    let slab_pages = pool.all_gather(&le_bytes(&slab_pages)).context(|| "exchanging slab pages failed".into())?;
+    if me == root {
+        let clean = check_released(pool, &slab_pages)?;
+        equal &= clean;
+    }
     Ok(equal)
+}
+
+/// Turns a failed step into the pool error behind it; both the KV store and
+/// the expert source fail only with pool errors.
+fn step_error(e: sequence::StepError<meshmem::Error, meshmem::Error>) -> meshmem::Error {
+    match e {
+        sequence::StepError::Kv(e) | sequence::StepError::Expert(e) => e,
+    }
+}
+
+/// Reads the reference counts from pool memory, checks them against the
+/// plan, and prints the blocks and bytes that sharing saved.
+fn check_ref_counts(pool: &Pool, cfg: &ModelConfig, plan: &SharingPlan, addrs: &WeightAddrs) -> Result<()> {
+    let mut counts = vec![0u64; plan.blocks()];
+    pool.read_slice(addrs.ref_counts, &mut counts).context(|| "reading the reference counts failed".into())?;
+    if let Some((block, (&found, &planned))) =
+        counts.iter().zip(&plan.ref_counts).enumerate().find(|(_, (&found, &planned))| found != planned as u64)
+    {
+        return Err(NodeError::Invalid(format!(
+            "KV block {block} has {found} users in pool memory, but the plan gives it {planned}"
+        )));
+    }
+    let shared = counts.iter().filter(|&&c| c > 1).count();
+    let saved: u64 = counts.iter().map(|&c| c.saturating_sub(1)).sum();
+    println!(
+        "reference counts in pool memory: {} KV blocks allocated for {} block-table entries; \
+         {shared} blocks shared, {saved} blocks ({}) saved",
+        counts.len(),
+        counts.iter().sum::<u64>(),
+        format_bytes(saved * report::block_bytes(cfg))
+    );
+    Ok(())
+}
+
+/// Checks, after every allocation was freed, that each node's used frames
+/// are exactly the slab pages homed there, which the allocator keeps.
+/// Prints the result and returns whether it held.
+fn check_released(pool: &Pool, slab_pages: &[Vec<u8>]) -> Result<bool> {
+    let mut pages = BTreeSet::new();
+    for bytes in slab_pages {
+        let words = words(bytes, "slab pages")?;
+        pages.extend(words.chunks_exact(2).map(|pair| (pair[0], pair[1])));
+    }
+    let stats = pool.stats().context(|| "reading the frame counts failed".into())?;
+    let mut clean = true;
+    let mut slab_total = 0;
+    for node in &stats.nodes {
+        let slabs = pages.iter().filter(|&&(home, _)| home == node.node.0 as u64).count() as u64;
+        slab_total += slabs;
+        if node.frames_used != slabs {
+            clean = false;
+            println!(
+                "node {} {}: {} frames still in use after freeing everything, {slabs} of them slab pages",
+                node.node, node.coord, node.frames_used
+            );
+        }
+    }
+    println!();
+    if clean {
+        println!("after freeing everything: every node's used frames are its slab pages ({slab_total} in all)");
+    } else {
+        println!("after freeing everything: frames other than slab pages are still in use (listed above)");
+    }
+    Ok(clean)
 }
 
 fn print_report(
     pool: &Pool,
     cfg: &ModelConfig,
+    plan: &SharingPlan,
     addrs: &WeightAddrs,
     block_addrs: &[GlobalAddr],
-    all_counts: &[Vec<u8>],
-    timings: &Timings,
-) -> meshmem::Result<()> {
+    counts: &[NodeCounts],
+    traffic: &[Vec<u64>],
+) -> Result<()> {
     let mesh = pool.mesh();
-    let mut rows: Vec<NodeHoldings> = mesh
-        .nodes()
-        .map(|node| NodeHoldings { node, coord: mesh.coord(node).map(|c| c.to_string()).unwrap_or_default(), ..Default::default() })
+    let stats = pool.stats().context(|| "reading the pool statistics failed".into())?;
+    let mut rows: Vec<NodeHoldings> = stats
+        .nodes
+        .iter()
+        .map(|n| NodeHoldings {
+            node: n.node,
+            coord: n.coord.to_string(),
+            used_bytes: n.used_bytes,
+            capacity_bytes: n.capacity_bytes,
+            ..Default::default()
+        })
         .collect();
 
-    let dense_lens = DenseWeights::zeroed(cfg).tensors().map(|(_, t)| t.len() as u64 * 4);
-    for (&addr, len) in addrs.dense.iter().zip(dense_lens) {
-        for (node, bytes) in homes(pool, addr, len)? {
-            rows[node.index()].dense_bytes += bytes;
+    for (&addr, bytes) in addrs.dense.iter().zip(dense_tensor_bytes(cfg)) {
+        for (node, held) in homes(pool, addr, bytes)? {
+            rows[node.index()].dense_bytes += held;
         }
     }
     for (expert, &addr) in addrs.experts.iter().enumerate() {
-        for (node, bytes) in homes(pool, addr, cfg.expert_bytes())? {
+        for (node, held) in homes(pool, addr, cfg.expert_bytes())? {
             let row = &mut rows[node.index()];
-            row.expert_bytes += bytes;
+            row.expert_bytes += held;
             row.experts.push(expert);
         }
     }
-    for &addr in block_addrs {
-        let node = pool.home_of(addr)?;
-        rows[node.index()].kv_blocks += 1;
-        rows[node.index()].kv_bytes += report::block_bytes(cfg);
-    }
-    report::print_holdings(&rows);
-
-    let stats = pool.stats()?;
-    let summary = TrafficSummary::from_matrix(&mesh, &stats.traffic).map_err(|reason| meshmem::Error::Collective {
-        op: "stats",
-        reason,
-        source: None,
-    })?;
-    report::print_traffic(&summary, &stats.traffic);
-
-    let mut totals = vec![0u64; cfg.experts + 2];
-    for bytes in all_counts {
-        let counts = words(bytes).unwrap_or_default();
-        for (total, count) in totals.iter_mut().zip(&counts) {
-            *total += count;
+    let mut spilled = 0;
+    for (block, &addr) in block_addrs.iter().enumerate() {
+        let home = pool.home_of(addr).context(|| format!("looking up the home of KV block {block} failed"))?;
+        let row = &mut rows[home.index()];
+        row.kv_blocks += 1;
+        row.kv_bytes += report::block_bytes(cfg);
+        if report::owner(plan.writer[block], pool.size()) != home {
+            row.kv_spilled_in += 1;
+            spilled += 1;
         }
     }
-    let out = RunOutput {
-        hidden_states: Vec::new(),
-        expert_tokens: totals[..cfg.experts].to_vec(),
-        computed_tokens: totals[cfg.experts],
-        written_prompt_tokens: totals[cfg.experts + 1],
-    };
-    report::print_run("distributed", &out, timings);
+    for (row, count) in rows.iter_mut().zip(counts) {
+        row.tokens = count.computed_tokens;
+        row.busy = count.busy;
+    }
+    report::print_holdings(&rows);
+    println!(
+        "KV blocks homed off their owner's node (Nearest spilled them): {spilled} of {}; node capacity {}, page size {}",
+        block_addrs.len(),
+        format_bytes(pool.node_capacity()),
+        format_bytes(pool.page_size() as u64)
+    );
+
+    let summary = TrafficSummary::from_matrix(&mesh, traffic).map_err(NodeError::Invalid)?;
+    report::print_traffic("prefill and decode", &summary, traffic);
     Ok(())
+}
+
+/// Returns `after - before`, element by element.
+fn difference(after: &[Vec<u64>], before: &[Vec<u64>]) -> Vec<Vec<u64>> {
+    after.iter().zip(before).map(|(a, b)| a.iter().zip(b).map(|(a, b)| a.saturating_sub(*b)).collect()).collect()
+}
+
+/// Decodes all-gathered `(index, address)` pairs into one address per
+/// index below `len`, checking that each index is given exactly once.
+fn decode_pairs(gathered: &[Vec<u8>], len: usize, what: &str) -> Result<Vec<GlobalAddr>> {
+    let mut addrs = vec![None; len];
+    for (node, bytes) in gathered.iter().enumerate() {
+        let words = words(bytes, what)?;
+        for pair in words.chunks_exact(2) {
+            let slot = usize::try_from(pair[0])
+                .ok()
+                .and_then(|i| addrs.get_mut(i))
+                .ok_or_else(|| NodeError::Invalid(format!("node {node} sent {what} {} of only {len}", pair[0])))?;
+            if slot.replace(GlobalAddr(pair[1])).is_some() {
+                return Err(NodeError::Invalid(format!(
+                    "{what} {} was sent twice; node {node} sent it again",
+                    pair[0]
+                )));
+            }
+        }
+    }
+    addrs
+        .into_iter()
+        .enumerate()
+        .map(|(i, a)| a.ok_or_else(|| NodeError::Invalid(format!("no node sent the address of {what} {i}"))))
+        .collect()
 }
 
 /// Encodes `u64` words little-endian for a collective.
@@ -388,29 +828,27 @@ fn le_bytes(words: &[u64]) -> Vec<u8> {
 }
 
 /// Decodes little-endian `u64` words from collective output, whose `Vec<u8>`
-/// is not aligned for a cast; `None` if the length is not a multiple of 8.
-fn words(bytes: &[u8]) -> Option<Vec<u64>> {
+/// is not aligned for a cast.
+fn words(bytes: &[u8], what: &str) -> Result<Vec<u64>> {
     if bytes.len() % 8 != 0 {
-        return None;
+        return Err(NodeError::Invalid(format!(
+            "a node sent {} bytes of {what}, which is not a whole number of 8-byte words",
+            bytes.len()
+        )));
     }
-    let mut out = Vec::with_capacity(bytes.len() / 8);
-    for chunk in bytes.chunks_exact(8) {
-        let mut word = [0u8; 8];
-        word.copy_from_slice(chunk);
-        out.push(u64::from_le_bytes(word));
-    }
-    Some(out)
+    Ok(bytes.chunks_exact(8).map(|chunk| u64::from_le_bytes(chunk.try_into().expect("chunks of 8 bytes"))).collect())
 }
 
 /// Returns the bytes of `[addr, addr + len)` homed on each node, probing
 /// one address per page.
-fn homes(pool: &Pool, addr: GlobalAddr, len: u64) -> meshmem::Result<Vec<(NodeId, u64)>> {
+fn homes(pool: &Pool, addr: GlobalAddr, len: u64) -> Result<Vec<(NodeId, u64)>> {
+    let page = pool.page_size() as u64;
     let mut out: Vec<(NodeId, u64)> = Vec::new();
     let mut offset = 0;
     while offset < len {
-        let node = pool.home_of(GlobalAddr(addr.0 + offset))?;
-        let page_end = ((addr.0 + offset) / REPORT_PAGE_BYTES + 1) * REPORT_PAGE_BYTES - addr.0;
-        let bytes = page_end.min(len) - offset;
+        let at = addr.add(offset);
+        let node = pool.home_of(at).context(|| format!("looking up the home of {at} failed"))?;
+        let bytes = (page - at.0 % page).min(len - offset);
         match out.iter_mut().find(|(n, _)| *n == node) {
             Some((_, total)) => *total += bytes,
             None => out.push((node, bytes)),

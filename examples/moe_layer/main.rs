@@ -1,19 +1,18 @@
 //! One MoE transformer layer over a batch of requests from the Mooncake
 //! conversation trace, with a paged KV cache whose prompt-prefix blocks are
-//! shared between requests.
+//! shared between requests. The layer runs across the node processes of a
+//! meshmem pool and is checked bit for bit against a single-process
+//! reference.
 //!
-//! The program picks a batch from the trace, scales its lengths down, plans
-//! which KV blocks the requests share, generates the layer's weights from
-//! `--seed`, and runs the prefill and `--steps` decode steps in this
-//! process, printing what it computed. See `README.md` beside this file.
-//!
-//! NOTE: `driver.rs` contains the distributed run over a meshmem pool (8
-//! node processes on a 2x2x2 mesh by default, checked bit for bit against
-//! this reference). It is not compiled in yet, because the crate does not
-//! export the pool API it calls. Until then `--mesh` and `--placement` are
-//! checked and reported but do not change the result.
+//! Started by hand, the program picks a batch from the trace, plans which
+//! KV blocks the requests share, sizes each node's pool memory, and starts
+//! itself once per node of `--mesh` (8 on a 2x2x2 mesh by default) through
+//! `meshmem::launch`. Each node process runs `driver::run_node`; node 0
+//! prints the plan, the comparison and the report. See `README.md` beside
+//! this file.
 
 mod cli;
+mod driver;
 mod kernels;
 mod model;
 mod prefix;
@@ -22,19 +21,12 @@ mod report;
 mod sequence;
 mod trace;
 
-// The distributed run, kept out of the build until the pool API exists.
-// Once it does, `run` calls `driver::launch` when `driver::is_node()` is
-// false and `driver::run_node` in each node process.
-#[cfg(any())]
-mod driver;
-
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Instant;
 
 use clap::Parser;
 
-use crate::model::{ModelConfig, Weights};
+use crate::model::ModelConfig;
 use crate::prefix::SharingPlan;
 use crate::sequence::Workload;
 use crate::trace::{Scale, Sequence, TraceError};
@@ -55,7 +47,7 @@ enum Failure {
     #[error(transparent)]
     Trace(#[from] TraceError),
 
-    /// The computation failed; exit status 1.
+    /// The run failed; exit status 1.
     #[error("{0}")]
     Run(String),
 }
@@ -71,41 +63,94 @@ impl Failure {
 
 fn main() -> ExitCode {
     let args = cli::Args::parse();
-    match run(&args) {
-        Ok(()) => ExitCode::SUCCESS,
+    let node = meshmem::launch::is_node_process();
+    let result = match node {
+        true => run_node(&args),
+        false => run_launcher(&args),
+    };
+    match result {
+        Ok(code) => code,
         Err(failure) => {
-            eprintln!("error: {failure}");
+            match node {
+                // The launcher names the node again when it stops the run.
+                true => eprintln!("error: node {}: {failure}", node_name()),
+                false => eprintln!("error: {failure}"),
+            }
             failure.exit_code()
         }
     }
 }
 
-fn run(args: &cli::Args) -> Result<(), Failure> {
+/// The batch, its sharing plan and the layer shape, the same in every
+/// process because they derive from the options and the trace alone.
+struct Prepared {
+    cfg: ModelConfig,
+    trace_path: PathBuf,
+    requests: usize,
+    workload: Workload,
+    plan: SharingPlan,
+}
+
+fn prepare(args: &cli::Args) -> Result<Prepared, Failure> {
     args.check().map_err(Failure::Usage)?;
     let cfg = ModelConfig::from_preset(args.preset);
     let scale = match args.scale {
         Some(scale) => scale,
         None => Scale::new(cfg.default_scale).map_err(Failure::Usage)?,
     };
-
     let trace_path = args.trace.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_TRACE));
     let (requests, workload) = load_workload(&trace_path, args, scale)?;
     let plan = SharingPlan::build(&workload.sequences, scale, workload.steps, true);
-    report::print_setup(&cfg, &trace_path, requests, &workload);
-    println!("mesh {}, placement {} (used by the distributed run only)", args.mesh, args.placement);
-    report::print_plan(&cfg, &workload, &plan, &args.mesh);
+    Ok(Prepared { cfg, trace_path, requests, workload, plan })
+}
 
-    let started = Instant::now();
-    let weights = Weights::generate(&cfg, workload.seed);
-    println!();
-    println!("weights generated from seed {} in {:.3} s", workload.seed, started.elapsed().as_secs_f64());
+/// Checks the options and the trace, then starts one node process per node
+/// of the mesh and waits for them. Exits 1 when a node fails, naming it.
+fn run_launcher(args: &cli::Args) -> Result<ExitCode, Failure> {
+    let prepared = prepare(args)?;
+    let page = driver::page_size(&prepared.cfg);
+    let capacity = args.node_capacity.unwrap_or_else(|| {
+        driver::default_node_capacity(&prepared.cfg, args.placement, args.mesh.len(), &prepared.plan, args.steps)
+    });
+    let report = driver::launch(args, capacity, page)
+        .map_err(|e| Failure::Run(format!("starting the nodes of mesh {} failed: {e}", args.mesh)))?;
+    if report.success() {
+        println!();
+        println!("{}", report.summary());
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("error: {}", report.summary());
+        Ok(ExitCode::FAILURE)
+    }
+}
 
-    let (out, timings) = reference::run(&cfg, &weights, &workload, &plan)
-        .map_err(|e| Failure::Run(format!("reference run failed: {e}")))?;
-    report::print_run("reference", &out, &timings);
-    let values: usize = out.hidden_states.iter().map(Vec::len).sum();
-    println!("{values} hidden-state values computed");
-    Ok(())
+/// Runs this process's node of the group; node 0 also prints the plan and
+/// the report.
+fn run_node(args: &cli::Args) -> Result<ExitCode, Failure> {
+    let prepared = prepare(args)?;
+    let Prepared { cfg, trace_path, requests, workload, plan } = &prepared;
+    let print = || report::print_setup(cfg, trace_path, *requests, workload);
+    let setup = driver::Setup { args, cfg, workload, plan, print: &print };
+    match driver::run_node(&setup) {
+        Ok(true) => Ok(ExitCode::SUCCESS),
+        Ok(false) => Ok(ExitCode::FAILURE),
+        Err(driver::NodeError::Reported) => Ok(ExitCode::FAILURE),
+        Err(e) => Err(Failure::Run(e.to_string())),
+    }
+}
+
+/// This node's id and coordinate from the launcher's environment, for error
+/// messages written before or without a pool.
+fn node_name() -> String {
+    let rank = std::env::var("RANK").unwrap_or_else(|_| "?".into());
+    let coord = rank
+        .parse::<u16>()
+        .ok()
+        .and_then(|r| std::env::var(meshmem::launch::MESH_VAR).ok()?.parse::<meshmem::Mesh3d>().ok()?.coord(meshmem::NodeId(r)).ok());
+    match coord {
+        Some(coord) => format!("{rank} {coord}"),
+        None => rank,
+    }
 }
 
 /// Reads the trace, picks the batch and scales it. Returns the number of

@@ -249,7 +249,6 @@ impl DenseWeights {
         }
     }
 
-    #[allow(dead_code)] // Used by the distributed run in driver.rs.
     /// Returns the tensors in a fixed order with their names, for placing
     /// them in memory one by one.
     pub fn tensors(&self) -> [(&'static str, &[f32]); 7] {
@@ -264,7 +263,6 @@ impl DenseWeights {
         ]
     }
 
-    #[allow(dead_code)] // Used by the distributed run in driver.rs.
     /// Mutable view of the same tensors in the same order as
     /// [`DenseWeights::tensors`].
     pub fn tensors_mut(&mut self) -> [&mut Vec<f32>; 7] {
@@ -279,7 +277,6 @@ impl DenseWeights {
         ]
     }
 
-    #[allow(dead_code)] // Used by the distributed run in driver.rs.
     /// Returns zero-filled tensors of the right sizes, to be read into.
     pub fn zeroed(cfg: &ModelConfig) -> Self {
         let (h, q, kv) = (cfg.hidden, cfg.q_dim(), cfg.kv_dim());
@@ -315,13 +312,11 @@ impl ExpertWeights {
         ExpertWeights { data, hidden: h, ffn: f }
     }
 
-    #[allow(dead_code)] // Used by the distributed run in driver.rs.
     /// Number of `f32` values in one expert of `cfg`.
     pub fn len(cfg: &ModelConfig) -> usize {
         3 * cfg.hidden * cfg.ffn
     }
 
-    #[allow(dead_code)] // Used by the distributed run in driver.rs.
     /// Wraps a buffer read back from memory; `None` if its length does not
     /// match `cfg`.
     pub fn from_data(cfg: &ModelConfig, data: Vec<f32>) -> Option<Self> {

@@ -94,7 +94,6 @@ pub fn run(
     Ok((out, timings))
 }
 
-#[allow(dead_code)] // Used by the distributed run in driver.rs.
 /// The result of comparing two runs value by value.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Comparison {
@@ -110,13 +109,11 @@ pub struct Comparison {
 }
 
 impl Comparison {
-    #[allow(dead_code)] // Used by the distributed run in driver.rs.
     pub fn equal(&self) -> bool {
         self.mismatches == 0 && self.shape_mismatch.is_none()
     }
 }
 
-#[allow(dead_code)] // Used by the distributed run in driver.rs.
 /// Compares the bits of every hidden-state value of `actual` with
 /// `expected`. Bits, not values, so `-0.0 != 0.0` and equal NaNs match.
 pub fn compare(expected: &[Vec<f32>], actual: &[Vec<f32>]) -> Comparison {

@@ -1,6 +1,6 @@
 //! Human-readable output: the run's setup, the sharing plan, what was
-//! computed, and, for the distributed run, the weights and KV blocks homed
-//! on each node and the traffic between nodes.
+//! computed, the weights and KV blocks homed on each node, and the traffic
+//! between nodes.
 
 use std::path::Path;
 use std::time::Duration;
@@ -139,45 +139,57 @@ pub fn checksum(rows: &[Vec<f32>]) -> u64 {
     hash
 }
 
-#[allow(dead_code)] // Used by the distributed run in driver.rs.
-/// Weights and KV blocks homed on one node, for the distributed report.
+/// Weights and KV blocks homed on one node, and the work it did, for the
+/// distributed report.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct NodeHoldings {
     pub node: NodeId,
     /// Coordinate as the mesh prints it, such as `(1,0,1)`.
     pub coord: String,
+    /// Bytes of frames in use, out of `capacity_bytes`.
+    pub used_bytes: u64,
+    pub capacity_bytes: u64,
     /// Experts with at least one page homed on this node.
     pub experts: Vec<usize>,
     pub expert_bytes: u64,
     pub dense_bytes: u64,
     pub kv_blocks: usize,
     pub kv_bytes: u64,
+    /// KV blocks homed here whose writer's owner is another node.
+    pub kv_spilled_in: usize,
+    /// Tokens this node ran through the layer.
+    pub tokens: u64,
+    /// Time this node spent writing and computing, without barriers.
+    pub busy: Duration,
 }
 
-#[allow(dead_code)] // Used by the distributed run in driver.rs.
 /// Prints one row per node.
 pub fn print_holdings(rows: &[NodeHoldings]) {
     println!();
     println!(
-        "{:>4} {:>9} {:>12} {:>12} {:>9} {:>12}  experts held",
-        "node", "coord", "dense", "experts", "KV blocks", "KV"
+        "{:>4} {:>9} {:>21} {:>10} {:>10} {:>9} {:>7} {:>10} {:>6} {:>10}  experts held",
+        "node", "coord", "used / capacity", "dense", "experts", "KV blocks", "spilled", "KV", "tokens", "busy"
     );
     for row in rows {
         let experts: Vec<String> = row.experts.iter().map(usize::to_string).collect();
         println!(
-            "{:>4} {:>9} {:>12} {:>12} {:>9} {:>12}  [{}]",
-            row.node,
+            "{:>4} {:>9} {:>21} {:>10} {:>10} {:>9} {:>7} {:>10} {:>6} {:>10}  [{}]",
+            row.node.0,
             row.coord,
+            format!("{} / {}", format_bytes(row.used_bytes), format_bytes(row.capacity_bytes)),
             format_bytes(row.dense_bytes),
             format_bytes(row.expert_bytes),
             row.kv_blocks,
+            row.kv_spilled_in,
             format_bytes(row.kv_bytes),
+            row.tokens,
+            format_duration(row.busy),
             experts.join(", ")
         );
     }
+    println!("(spilled: KV blocks homed on this node for a sequence another node owns; busy: time writing and computing)");
 }
 
-#[allow(dead_code)] // Used by the distributed run in driver.rs.
 /// Bytes moved, split by whether they crossed nodes, from a traffic matrix
 /// `traffic[source][destination]` in bytes.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -189,7 +201,6 @@ pub struct TrafficSummary {
 }
 
 impl TrafficSummary {
-    #[allow(dead_code)] // Used by the distributed run in driver.rs.
     /// Sums `traffic` over the node pairs of `mesh`. Rows or columns beyond
     /// the mesh are an error naming the first one.
     pub fn from_matrix(mesh: &Mesh3d, traffic: &[Vec<u64>]) -> Result<Self, String> {
@@ -215,17 +226,19 @@ impl TrafficSummary {
     }
 }
 
-#[allow(dead_code)] // Used by the distributed run in driver.rs.
-/// Prints the traffic totals and the matrix.
-pub fn print_traffic(summary: &TrafficSummary, traffic: &[Vec<u64>]) {
+/// Prints the traffic totals of `phase` and the matrix.
+pub fn print_traffic(phase: &str, summary: &TrafficSummary, traffic: &[Vec<u64>]) {
     println!();
     println!(
-        "bytes read locally {}, remotely {}, hop-bytes {}",
+        "pool traffic during {phase} (bytes read and written through the pool): \
+         local {}, remote {}, hop-bytes {}",
         format_bytes(summary.local_bytes),
         format_bytes(summary.remote_bytes),
         format_bytes(summary.hop_bytes)
     );
-    println!("traffic, source row to destination column:");
+    println!("by source node (row) and home node (column):");
+    let header: Vec<String> = (0..traffic.len()).map(|d| format!("{d:>11}")).collect();
+    println!("{:>4} {}", "", header.join(" "));
     for (source, row) in traffic.iter().enumerate() {
         let cells: Vec<String> = row.iter().map(|&b| format!("{:>11}", format_bytes(b))).collect();
         println!("{source:>4} {}", cells.join(" "));
