@@ -9,6 +9,7 @@ library the meshmem Python package loads, and is built once into
 target/torch_extension; later calls reuse it.
 """
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -23,11 +24,16 @@ def load_extension(verbose=False):
     if not library.exists():
         raise FileNotFoundError(f"{library} does not exist; build it with `cargo build -p meshmem-ffi`")
     build = REPO / "target" / "torch_extension"
+    header = REPO / "ffi" / "include" / "meshmem.h"
+    # cpp_extension rebuilds when sources or flags change, not headers, so a
+    # digest of meshmem.h goes into the flags.
+    digest = hashlib.sha256(header.read_bytes()).hexdigest()[:16]
     build.mkdir(parents=True, exist_ok=True)
     return cpp_extension.load(
         name="meshmem_ext",
         sources=[str(HERE / "meshmem_ext.cpp")],
-        extra_include_paths=[str(REPO / "ffi" / "include")],
+        extra_include_paths=[str(header.parent)],
+        extra_cflags=[f"-DMESHMEM_HEADER_DIGEST={digest}"],
         extra_ldflags=[str(library), f"-Wl,-rpath,{library.parent}"],
         build_directory=str(build),
         verbose=verbose,
