@@ -1,7 +1,7 @@
 // A PyTorch C++ extension that puts tensors in meshmem pool memory.
 //
 // alloc_on(pool, node, shape) allocates a float32 tensor whose pages live on
-// `node` and wraps it with torch::from_blob; the tensor's deleter frees the
+// `node` and wraps it with torch::from_blob. The tensor's deleter frees the
 // allocation, so the memory returns to the pool when the last reference to
 // the tensor goes. view_at(pool, addr, shape) wraps memory another node
 // allocated, without a copy and without taking ownership.

@@ -9,9 +9,9 @@
 //! reference also holds the pool, so its mapping outlives `meshmem_leave`
 //! until the last tensor is gone.
 //!
-//! A view frees nothing; the memory it shows is valid until the node that
-//! owns the allocation frees it, which the program must order after every
-//! use of the view (a barrier is enough).
+//! A view frees nothing. The memory it shows is valid until the node that
+//! owns the allocation frees it, so the program must order that free after
+//! every use of the view (a barrier is enough).
 //!
 //! The DLPack structures follow `dlpack.h` version 1.0: the legacy
 //! `DLManagedTensor` and `DLManagedTensorVersioned`. The tensor's device is

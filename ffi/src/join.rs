@@ -18,9 +18,9 @@
 //! What the callback cannot carry: the shared-memory backend passes each
 //! node's segment as a file descriptor, which only a Unix-domain socket can
 //! move between processes. So the nodes still meet on the host's abstract
-//! socket named by the agreed group id; it is that meeting which agrees on
-//! the window base (node 0 reserves it, the others map it at the same
-//! address). The callback removes the need for a shared `MESHMEM_GROUP` and
+//! socket named by the agreed group id. That meeting also agrees on the
+//! window base: node 0 reserves it, and the others map it at the same
+//! address. The callback removes the need for a shared `MESHMEM_GROUP` and
 //! catches configuration mismatches and nodes on different hosts before any
 //! node waits on the socket.
 //!
@@ -46,7 +46,7 @@ pub struct meshmem_pool {
 
 static POOLS: Registry<Pool> = Registry::new("pool");
 
-/// The pool of `handle`.
+/// Looks up the pool of `handle`.
 pub(crate) fn pool(handle: meshmem_pool) -> Outcome<Arc<Pool>> {
     POOLS.get(handle.id)
 }

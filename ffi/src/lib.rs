@@ -5,9 +5,9 @@
 //! - Every function returns a [`meshmem_status`]; `MESHMEM_OK` is zero.
 //!   Results go through out-pointers, which are written only on success, so
 //!   a failed call changes nothing the caller can see.
-//! - After a failure, [`meshmem_last_error_message`] returns a message of
-//!   the calling thread that names the argument or value that was wrong and
-//!   says what to do.
+//! - After a failure, [`meshmem_last_error_message`] returns the calling
+//!   thread's message. It names the argument or value that was wrong and
+//!   tells what to do.
 //! - No panic crosses the boundary: every body runs under `catch_unwind`, and
 //!   a panic becomes `MESHMEM_ERR_INTERNAL` with the panic's message.
 //! - Pools and buffers are opaque handles: a slot index and a generation in a
@@ -149,12 +149,12 @@ pub(crate) fn call(function: &str, body: impl FnOnce() -> Outcome) -> meshmem_st
 
 #[cold]
 fn failed_by_panic(function: &str, panic: Box<dyn std::any::Any + Send>) -> meshmem_status {
-    let what = panic
+    let reason = panic
         .downcast_ref::<&str>()
         .map(|s| s.to_string())
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "a panic without a message".into());
-    set_last_error(&format!("{function}: internal error, please report it: {what}"));
+    set_last_error(&format!("{function}: internal error, please report it: {reason}"));
     MESHMEM_ERR_INTERNAL
 }
 

@@ -4,8 +4,8 @@
 //! A handle is one `u64`: the slot index plus one in the low 32 bits and the
 //! slot's generation in the high 32 bits. Zero is never issued. Removing a
 //! value bumps its slot's generation, so every copy of the old handle stops
-//! matching; a slot whose generation reached `u32::MAX` is retired rather
-//! than wrapped, so a handle can never match a later value by accident.
+//! matching. A slot whose generation reached `u32::MAX` is retired rather
+//! than wrapped, so a handle never matches a later value by accident.
 //!
 //! Values are `Arc`s: a lookup clones the `Arc` and drops the lock before the
 //! call runs, so calls on one pool run in parallel, and a `leave` racing with
@@ -77,10 +77,10 @@ impl<T> Registry<T> {
 
     fn split(&self, handle: u64) -> Outcome<(usize, u32)> {
         if handle == 0 {
-            let what = if self.kind == "pool" { "join a pool with meshmem_join" } else { "create one with meshmem_buffer_alloc or meshmem_buffer_view" };
+            let remedy = if self.kind == "pool" { "join a pool with meshmem_join" } else { "create one with meshmem_buffer_alloc or meshmem_buffer_view" };
             return Err(Failure::new(
                 crate::meshmem_status::MESHMEM_ERR_INVALID_HANDLE,
-                format!("the {} handle is null (zero); {what} first", self.kind),
+                format!("the {} handle is null (zero); {remedy} first", self.kind),
             ));
         }
         let index = (handle & 0xffff_ffff) as usize - 1;

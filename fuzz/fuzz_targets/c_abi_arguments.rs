@@ -3,8 +3,8 @@
 //! return a status; a crash or a panic that escapes is a bug.
 //!
 //! Pointers passed are either null or real buffers at least as long as the
-//! length passed with them, which is the callers' side of each function's
-//! `# Safety` contract; everything else is arbitrary.
+//! length passed with them, because that is the callers' side of each
+//! function's `# Safety` contract. Everything else is arbitrary.
 //!
 //! Run with `cargo fuzz run c_abi_arguments` from the repository root.
 #![no_main]
@@ -13,7 +13,7 @@ use std::ffi::c_void;
 use std::sync::OnceLock;
 
 // The C ABI crate builds only a cdylib and a staticlib, so its sources are
-// compiled into this target as a module; the glob re-export lets their
+// compiled into this target as a module. The glob re-export lets their
 // `crate::` paths resolve here as they do in the library.
 #[path = "../../ffi/src/lib.rs"]
 #[allow(dead_code)]

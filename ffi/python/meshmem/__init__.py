@@ -11,8 +11,8 @@ library's message, which names the argument or value that was wrong.
 
 Buffers implement DLPack (``__dlpack__``, ``__dlpack_device__``), so
 ``numpy.from_dlpack(buf)`` and ``torch.from_dlpack(buf)`` view pool memory
-without copying; the array's data pointer is the global address. Each
-consumer holds the allocation until it drops its array or tensor.
+without copying; the array's data pointer is the global address. The
+allocation stays alive until every consumer drops its array or tensor.
 """
 
 import ctypes

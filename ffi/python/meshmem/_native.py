@@ -135,7 +135,7 @@ SIGNATURES = {
 
 
 def library_path():
-    """The path of libmeshmem.so that ``load`` uses, or None."""
+    """Returns the path of libmeshmem.so that ``load`` uses, or None."""
     explicit = os.environ.get("MESHMEM_LIB")
     if explicit:
         return explicit

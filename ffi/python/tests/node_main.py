@@ -33,7 +33,7 @@ def frames(pool):
 def tensors(pool):
     me, n = pool.node, pool.size
 
-    # Fill a buffer on this node, seen by torch and numpy without a copy.
+    # Fill a buffer on this node, which torch and numpy see without a copy.
     buf = pool.buffer(SHAPE, "float32")
     mine_t = torch.from_dlpack(buf)
     mine_a = numpy.from_dlpack(buf)

@@ -24,7 +24,7 @@ def extension():
     return load_extension()
 
 
-def test_extension_allocates_on_a_node_and_reads_the_neighbour(extension):
+def test_extension_reads_neighbour_tensor(extension):
     run_group("extension")
 
 

@@ -26,7 +26,8 @@ def used(pool):
 
 def test_queries(pool):
     assert (pool.node, pool.size, pool.mesh, pool.page_size) == (0, 1, (1, 1, 1, False), 65536)
-    assert pool.coord() == (0, 0, 0) and pool.hops(0, 0) == 0
+    assert pool.coord() == (0, 0, 0)
+    assert pool.hops(0, 0) == 0
     assert pool.all_gather(b"abc") == [b"abc"]
 
 
