@@ -332,6 +332,10 @@ pub unsafe extern "C" fn meshmem_alloc(
 /// that does not start an allocation of this pool, fails and changes
 /// nothing.
 ///
+/// NOTE: after the free, access to a page-sized or larger allocation fails
+/// with `MESHMEM_ERR_INVALID_ADDRESS`, but a small block shares its page with
+/// other blocks, so reading or writing it after the free is not detected.
+///
 /// # Safety
 ///
 /// None for meshmem's own state. Pointers into the allocation, in any
