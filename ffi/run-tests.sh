@@ -4,8 +4,9 @@
 #   2. the C program, on four node processes under the launcher;
 #   3. the pytest suite, which builds and uses the example C++ extension.
 # Exits non-zero on the first failure. Uses the virtual environment at
-# <repo>/.venv, creating it with ffi/python/setup-venv.sh when it is missing
-# (set MESHMEM_SKIP_VENV=1 to use the python3 on PATH instead).
+# $MESHMEM_VENV (default <repo>/.venv), creating it with
+# ffi/python/setup-venv.sh when it is missing (set MESHMEM_SKIP_VENV=1 to use
+# the python3 on PATH instead).
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -29,10 +30,11 @@ target/debug/meshmem run --mesh 2x2x1 --env MESHMEM_PAGE_SIZE=64K --env MESHMEM_
 if [ "${MESHMEM_SKIP_VENV:-}" = 1 ]; then
     python=python3
 else
-    step "preparing .venv"
-    bash ffi/python/setup-venv.sh
-    python="$repo/.venv/bin/python"
-    export PATH="$repo/.venv/bin:$PATH" # ninja, for the C++ extension
+    venv="${MESHMEM_VENV:-$repo/.venv}"
+    step "preparing $venv"
+    MESHMEM_VENV="$venv" bash ffi/python/setup-venv.sh
+    python="$venv/bin/python"
+    export PATH="$venv/bin:$PATH" # ninja, for the C++ extension
 fi
 
 step "running the Python tests and the C++ extension"

@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
 # Runs every test of the project: unit and property tests, integration
 # tests that start groups of real node processes on the shared-memory
-# backend, the launcher's tests, and the examples' tests.
+# backend, the launcher's tests, the examples' tests, and the C ABI's tests
+# (the header check, a C program on four nodes, and the Python and PyTorch
+# tests).
 #
-# Needs a Rust toolchain (cargo) and a C compiler; installs nothing else.
+# Needs a Rust toolchain, a C and C++ compiler and Python 3 with venv. The
+# Python tests run in a virtual environment with numpy, pytest and torch,
+# which ffi/python/setup-venv.sh creates on first use (about 3 GB of
+# downloads) under $MESHMEM_VENV, by default ~/.cache/meshmem/venv so that
+# later runs and other clones reuse it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,3 +23,8 @@ cargo test --workspace --locked
 
 echo "== example tests"
 cargo test --workspace --examples --locked
+
+echo "== C ABI, Python and PyTorch tests"
+export MESHMEM_VENV="${MESHMEM_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/meshmem/venv}"
+mkdir -p "$(dirname "$MESHMEM_VENV")"
+ffi/run-tests.sh

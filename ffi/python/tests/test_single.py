@@ -32,7 +32,10 @@ def test_queries(pool):
 
 
 def test_read_write_atomics(pool):
-    addr = pool.alloc(64, placement=meshmem.Node(0), advice=meshmem.Advice.READ_MOSTLY)
+    # Advice applies to whole pages, so an advised allocation takes one.
+    with pytest.raises(meshmem.InvalidArgument, match="whole pages"):
+        pool.alloc(64, placement=meshmem.Node(0), advice=meshmem.Advice.READ_MOSTLY)
+    addr = pool.alloc(pool.page_size, placement=meshmem.Node(0), advice=meshmem.Advice.READ_MOSTLY)
     pool.write(addr, b"\x01" + bytes(7))
     assert pool.fetch_add(addr, 4) == 1
     assert pool.compare_exchange(addr, 9, 7) == 5  # no swap
