@@ -66,6 +66,19 @@ pub struct Args {
     /// to 512; defaults to 32 for tiny and 512 for the other presets.
     #[arg(long, value_parser = parse_scale)]
     pub scale: Option<Scale>,
+
+    /// Runs the layer again with hot experts replicated: after each step,
+    /// the experts whose load over the whole batch exceeds F times the mean
+    /// are made read-mostly and replicated to the nodes that route at least
+    /// an even share of their tokens. F is a number above 0, such as 1.5.
+    #[arg(long, value_name = "F", allow_negative_numbers = true, value_parser = parse_hot_factor)]
+    pub replicate_hot: Option<f64>,
+
+    /// Runs the layer again with every expert read-mostly, each node
+    /// replicating the experts it routes to in one step in the background
+    /// while it computes, for the next step.
+    #[arg(long)]
+    pub prefetch: bool,
 }
 
 impl Args {
@@ -168,6 +181,20 @@ fn parse_steps(text: &str) -> Result<usize, String> {
 
 fn parse_batch(text: &str) -> Result<usize, String> {
     parse_bounded(text, 1, MAX_BATCH)
+}
+
+fn parse_hot_factor(text: &str) -> Result<f64, String> {
+    let factor = text
+        .parse::<f64>()
+        .map_err(|_| format!("`{text}` is not a number; give a factor above 0, such as 1.5"))?;
+    if factor.is_finite() && factor > 0.0 {
+        Ok(factor)
+    } else {
+        Err(format!(
+            "{text} is not a finite factor above 0; an expert is hot when its load exceeds \
+             this factor times the mean, so give a value such as 1.5"
+        ))
+    }
 }
 
 fn parse_scale(text: &str) -> Result<Scale, String> {
@@ -273,6 +300,29 @@ mod tests {
     #[test]
     fn bad_scale() {
         assert!(rejected(&["--scale", "3"]).contains("scale 3 is not a power of two"));
+    }
+
+    #[test]
+    fn replication_options() {
+        let args = parse(&["--replicate-hot", "1.5", "--prefetch"]).unwrap();
+        assert_eq!(args.replicate_hot, Some(1.5));
+        assert!(args.prefetch);
+        let args = parse(&[]).unwrap();
+        assert_eq!(args.replicate_hot, None);
+        assert!(!args.prefetch);
+    }
+
+    #[test]
+    fn bad_replicate_hot() {
+        for (value, named) in [("0", "0 is not a finite factor above 0"), ("-1", "-1 is not a finite factor above 0")] {
+            let message = rejected(&["--replicate-hot", value]);
+            assert!(message.contains(named), "{message}");
+            assert!(message.contains("such as 1.5"), "{message}");
+        }
+        assert!(rejected(&["--replicate-hot=-0.5"]).contains("-0.5 is not a finite factor"));
+        assert!(rejected(&["--replicate-hot", "NaN"]).contains("NaN is not a finite factor"));
+        assert!(rejected(&["--replicate-hot", "inf"]).contains("inf is not a finite factor"));
+        assert!(rejected(&["--replicate-hot", "hot"]).contains("`hot` is not a number"));
     }
 
     #[test]

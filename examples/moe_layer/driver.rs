@@ -29,17 +29,20 @@
 //! move the same bytes without being counted.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytemuck::Pod;
 use meshmem::launch::{LaunchReport, LaunchSpec};
-use meshmem::{Config, GlobalAddr, NodeId, Placement, Pool};
+use meshmem::pool::Prefetch;
+use meshmem::{Advice, Config, GlobalAddr, LinkModel, NodeId, Placement, Pool};
 
+use crate::balance;
 use crate::cli::{Args, PlacementChoice};
-use crate::model::{DenseWeights, ExpertSource, ExpertWeights, ModelConfig, Weights, F32_BYTES};
+use crate::model::{DenseWeights, ExpertSource, ExpertWeights, ModelConfig, Routing, Weights, F32_BYTES};
 use crate::prefix::{BlockId, SharingPlan, KV_BLOCK_TOKENS};
-use crate::reference::{self, RunOutput, Timings};
-use crate::report::{self, format_bytes, NodeHoldings, TrafficSummary};
+use crate::reference::{self, Comparison, RunOutput, Timings};
+use crate::report::{self, format_bytes, ModeRow, NodeHoldings, TrafficSummary};
 use crate::sequence::{self, block_values, KvStore, Layer, Workload};
 
 /// The pool's default page size, the largest this example picks.
@@ -123,12 +126,14 @@ fn dense_tensor_bytes(cfg: &ModelConfig) -> [u64; 7] {
 /// blocks, the reference counts and output rows, and room for slab pages.
 /// The total over all nodes holds everything, but a node whose sequences
 /// write more than that share of the KV blocks spills to its neighbours.
+/// With `replicas`, each node also gets room for a replica of every expert.
 pub fn default_node_capacity(
     cfg: &ModelConfig,
     choice: PlacementChoice,
     nodes: usize,
     plan: &SharingPlan,
     steps: usize,
+    replicas: bool,
 ) -> u64 {
     let page = page_size(cfg);
     let nodes = nodes as u64;
@@ -153,7 +158,8 @@ pub fn default_node_capacity(
     // small allocations go to: one per process and size class is the most
     // this run creates on one node, plus a few for the size classes.
     let slabs = nodes + 4;
-    (weights + kv + ref_counts + outputs + slabs) * page
+    let replica_room = if replicas { experts * expert } else { 0 };
+    (weights + kv + ref_counts + outputs + slabs + replica_room) * page
 }
 
 /// Values of one sequence's output: the row of its last prompt token and
@@ -230,6 +236,10 @@ struct WeightAddrs {
     experts: Vec<GlobalAddr>,
     /// One `u64` user count per KV block of the plan.
     ref_counts: GlobalAddr,
+    /// One `u64` load counter per expert and step, step-major: the tokens
+    /// of the whole batch routed to each expert in the prefill (step 0)
+    /// and in each decode step.
+    load_counters: GlobalAddr,
 }
 
 /// Number of dense tensors, as [`DenseWeights::tensors`] lists them.
@@ -238,18 +248,19 @@ const DENSE_TENSORS: usize = 7;
 impl WeightAddrs {
     fn encode(&self) -> Vec<u8> {
         let words: Vec<u64> =
-            self.dense.iter().chain(&self.experts).chain(std::iter::once(&self.ref_counts)).map(|a| a.0).collect();
+            self.dense.iter().chain(&self.experts).chain([&self.ref_counts, &self.load_counters]).map(|a| a.0).collect();
         le_bytes(&words)
     }
 
     fn decode(bytes: &[u8], experts: usize) -> Result<Self> {
         let words = words(bytes, "weight addresses")?;
-        if words.len() != DENSE_TENSORS + experts + 1 {
+        if words.len() != DENSE_TENSORS + experts + 2 {
             return Err(NodeError::Invalid(format!(
                 "node 0 broadcast {} weight addresses, expected {} for {DENSE_TENSORS} dense tensors, \
-                 {experts} experts and the reference counts; every node must run the same build and options",
+                 {experts} experts, the reference counts and the load counters; every node must run the \
+                 same build and options",
                 words.len(),
-                DENSE_TENSORS + experts + 1
+                DENSE_TENSORS + experts + 2
             )));
         }
         let addr = |w: &u64| GlobalAddr(*w);
@@ -257,11 +268,17 @@ impl WeightAddrs {
             dense: words[..DENSE_TENSORS].iter().map(addr).collect(),
             experts: words[DENSE_TENSORS..DENSE_TENSORS + experts].iter().map(addr).collect(),
             ref_counts: GlobalAddr(words[DENSE_TENSORS + experts]),
+            load_counters: GlobalAddr(words[DENSE_TENSORS + experts + 1]),
         })
     }
 
     fn count_addr(&self, block: BlockId) -> GlobalAddr {
         self.ref_counts.add(block.0 as u64 * 8)
+    }
+
+    /// Address of the load counter of `expert` in `step`, out of `experts`.
+    fn load_addr(&self, step: usize, expert: usize, experts: usize) -> GlobalAddr {
+        self.load_counters.add(((step * experts + expert) * 8) as u64)
     }
 }
 
@@ -301,17 +318,366 @@ impl KvStore for PoolKv<'_> {
 /// one buffer, so that the traffic counts the weight bytes every routed
 /// token reads and a node never keeps more than one expert in memory.
 struct PoolExperts<'a> {
-    pool: &'a Pool,
+    pool: &'a Arc<Pool>,
     addrs: &'a [GlobalAddr],
+    expert_bytes: usize,
     buffer: ExpertWeights,
+    /// Present in the prefetch mode.
+    prefetch: Option<Prefetcher>,
 }
 
 impl ExpertSource for PoolExperts<'_> {
     type Error = meshmem::Error;
 
     fn expert(&mut self, expert: usize) -> meshmem::Result<&ExpertWeights> {
+        if let Some(prefetch) = &mut self.prefetch {
+            prefetch.start(self.pool, self.addrs[expert], self.expert_bytes, expert)?;
+        }
         self.pool.read_slice(self.addrs[expert], &mut self.buffer.data)?;
         Ok(&self.buffer)
+    }
+}
+
+/// Background replication of the experts a node routes to, for the next
+/// step. The routing of the step that runs is the prediction of the next
+/// one's: from the first token a node routes to an expert in a step, the
+/// expert is copied to the node by a [`Prefetch`] while the node goes on
+/// computing, and [`Prefetcher::finish`] waits for the copies before the
+/// next step starts. Every expert is read-mostly in this mode, so a
+/// prefetch makes a replica and leaves the home where it is.
+struct Prefetcher {
+    /// Per expert: whether a prefetch was started in this run, or whether
+    /// the expert is homed here and needs none.
+    requested: Vec<bool>,
+    in_flight: Vec<(usize, Prefetch)>,
+    replicas: ReplicaCounts,
+    waited: Duration,
+}
+
+impl Prefetcher {
+    fn new(local_experts: &[bool]) -> Self {
+        Prefetcher {
+            requested: local_experts.to_vec(),
+            in_flight: Vec::new(),
+            replicas: ReplicaCounts::default(),
+            waited: Duration::ZERO,
+        }
+    }
+
+    /// Starts copying `expert` to this node unless it was requested before.
+    fn start(&mut self, pool: &Arc<Pool>, addr: GlobalAddr, len: usize, expert: usize) -> meshmem::Result<()> {
+        if std::mem::replace(&mut self.requested[expert], true) {
+            return Ok(());
+        }
+        match pool.prefetch(addr, len, pool.node()) {
+            Ok(handle) => self.in_flight.push((expert, handle)),
+            Err(e) => self.replicas.failed(e)?,
+        }
+        Ok(())
+    }
+
+    /// Waits for every copy started in this step.
+    fn finish(&mut self) -> meshmem::Result<()> {
+        let started = Instant::now();
+        for (_, mut handle) in self.in_flight.drain(..) {
+            match handle.wait() {
+                Ok(()) => self.replicas.made += 1,
+                Err(e) => self.replicas.failed(e)?,
+            }
+        }
+        self.waited += started.elapsed();
+        Ok(())
+    }
+}
+
+/// Replicas a node asked for in one run of the layer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct ReplicaCounts {
+    made: u64,
+    /// Replicas not made because this node had no free frame for them;
+    /// reads of those experts keep going to the home.
+    skipped: u64,
+}
+
+impl ReplicaCounts {
+    /// Counts a replica that failed for want of frames, and passes any
+    /// other error on.
+    fn failed(&mut self, e: meshmem::Error) -> meshmem::Result<()> {
+        match e {
+            meshmem::Error::OutOfMemory { .. } => {
+                self.skipped += 1;
+                Ok(())
+            }
+            e => Err(e),
+        }
+    }
+}
+
+/// How a run of the layer reaches expert weights that are homed on other
+/// nodes.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Mode {
+    /// Every read goes to the expert's home.
+    Plain,
+    /// After each step but the last, the experts whose load over the whole
+    /// batch exceeds this factor times the mean are made read-mostly and
+    /// replicated to each node that routed at least an even share of their
+    /// tokens; the replicas are made before the next step starts.
+    ReplicateHot(f64),
+    /// Every expert is read-mostly, and each node replicates the experts it
+    /// routes to in the background while it computes ([`Prefetcher`]).
+    Prefetch,
+}
+
+impl Mode {
+    /// The plain run, then the modes the options ask for.
+    fn requested(args: &Args) -> Vec<Mode> {
+        let mut modes = vec![Mode::Plain];
+        modes.extend(args.replicate_hot.map(Mode::ReplicateHot));
+        if args.prefetch {
+            modes.push(Mode::Prefetch);
+        }
+        modes
+    }
+
+    fn label(&self) -> String {
+        match self {
+            Mode::Plain => "no replication".into(),
+            Mode::ReplicateHot(factor) => format!("replicate-hot {factor}"),
+            Mode::Prefetch => "prefetch".into(),
+        }
+    }
+}
+
+/// What every run of the layer needs, the same in every mode.
+struct LayerRun<'a> {
+    pool: &'a Arc<Pool>,
+    cfg: &'a ModelConfig,
+    workload: &'a Workload,
+    plan: &'a SharingPlan,
+    dense: &'a DenseWeights,
+    addrs: &'a WeightAddrs,
+    block_addrs: &'a [GlobalAddr],
+    /// Sequences this node owns.
+    mine: &'a [usize],
+    /// Per expert: whether every page of it is homed on this node.
+    local_experts: Vec<bool>,
+}
+
+/// One node's result of one run of the layer.
+struct ModeRun {
+    hidden_states: Vec<Vec<f32>>,
+    counts: NodeCounts,
+    timings: Timings,
+    /// Node 0 only: the pool traffic of the run, by source and home node.
+    traffic: Option<Vec<Vec<u64>>>,
+    /// Node 0 only: bytes of replicas on all nodes at the end of the run.
+    replica_bytes: Option<u64>,
+    /// Wall time of the prefill and the decode steps on this node,
+    /// barriers and replication included.
+    wall: Duration,
+}
+
+impl LayerRun<'_> {
+    /// Runs the prefill and the decode steps of this node's sequences in
+    /// `mode`, then drops the replicas the mode made.
+    ///
+    /// 1. Node 0 zeroes the load counters, sets the mode's advice and
+    ///    reads the traffic counters.
+    /// 2. Prefill, then each decode step. After each, every node adds its
+    ///    tokens per expert to the step's load counters, waits for its
+    ///    prefetches, and meets the others at a barrier; in the
+    ///    replicate-hot mode the nodes then replicate the hot experts.
+    /// 3. Node 0 reads the traffic and replica counters, then unsets the
+    ///    read-mostly advice, which drops every replica.
+    fn run(&self, mode: Mode) -> Result<ModeRun> {
+        let (pool, cfg, workload, plan) = (self.pool, self.cfg, self.workload, self.plan);
+        let me = pool.node();
+        let root = NodeId(0);
+        let mut advised = vec![mode == Mode::Prefetch; cfg.experts];
+
+        // Step 1.
+        let mut traffic_before = None;
+        if me == root {
+            pool.write_slice(self.addrs.load_counters, &vec![0u64; (workload.steps + 1) * cfg.experts])
+                .context(|| "zeroing the expert load counters failed".into())?;
+            for e in (0..cfg.experts).filter(|&e| advised[e]) {
+                self.set_read_mostly(e, true)?;
+            }
+            traffic_before = Some(pool.stats().context(|| "reading the traffic counters failed".into())?.traffic);
+        }
+        pool.barrier().context(|| format!("waiting to start the {} run failed", mode.label()))?;
+
+        // Step 2.
+        let layer = Layer { cfg, dense: self.dense, seed: workload.seed, scale: workload.scale };
+        let mut kv = PoolKv { pool, blocks: self.block_addrs, kv_dim: cfg.kv_dim() };
+        let buffer = ExpertWeights::from_data(cfg, vec![0.0; ExpertWeights::len(cfg)])
+            .ok_or_else(|| NodeError::Invalid("an expert buffer of the configured length was rejected".into()))?;
+        let mut experts = PoolExperts {
+            pool,
+            addrs: &self.addrs.experts,
+            expert_bytes: cfg.expert_bytes() as usize,
+            buffer,
+            prefetch: (mode == Mode::Prefetch).then(|| Prefetcher::new(&self.local_experts)),
+        };
+        let mut hidden_states = vec![Vec::new(); workload.sequences.len()];
+        let mut routing = Routing::new(cfg.experts);
+        let mut counts = NodeCounts::new(cfg.experts, workload.steps + 1);
+        let mut timings = Timings::default();
+        let mut busy = Duration::ZERO;
+        let step_failed = |s: usize, phase: &str, e| NodeError::Pool {
+            context: format!("{phase} of sequence {s} failed"),
+            source: step_error(e),
+        };
+
+        let started = Instant::now();
+        for &s in self.mine {
+            let written = sequence::write_prompt_kv(layer, plan, s, &workload.sequences[s], &mut kv)
+                .context(|| format!("writing the prompt keys and values of sequence {s} failed"))?;
+            counts.written_prompt_tokens += written as u64;
+        }
+        busy += started.elapsed();
+        pool.barrier().context(|| "waiting for the prompt keys and values failed".into())?;
+        let computing = Instant::now();
+        for &s in self.mine {
+            let (last, computed) =
+                sequence::prefill(layer, plan, s, &workload.sequences[s], &mut kv, &mut experts, &mut routing)
+                    .map_err(|e| step_failed(s, "prefill", e))?;
+            hidden_states[s] = last;
+            counts.computed_tokens += computed as u64;
+        }
+        self.end_step(0, &routing, &mut counts, &mut experts)?;
+        busy += computing.elapsed();
+        pool.barrier().context(|| "waiting for the prefill failed".into())?;
+        timings.prefill = started.elapsed();
+
+        for step in 0..workload.steps {
+            let started = Instant::now();
+            if let Mode::ReplicateHot(factor) = mode {
+                self.replicate_hot(step, factor, &counts.steps[step], &mut advised, &mut counts.replicas)?;
+            }
+            let computing = Instant::now();
+            let before = routing.clone();
+            for &s in self.mine {
+                let states = &mut hidden_states[s];
+                let previous = states[states.len() - cfg.hidden..].to_vec();
+                let position = workload.sequences[s].prompt_tokens + step;
+                let row = sequence::decode(
+                    layer,
+                    &plan.sequences[s],
+                    position,
+                    &previous,
+                    &mut kv,
+                    &mut experts,
+                    &mut routing,
+                )
+                .map_err(|e| step_failed(s, "decode", e))?;
+                states.extend_from_slice(&row);
+                counts.computed_tokens += 1;
+            }
+            self.end_step(step + 1, &routing.since(&before), &mut counts, &mut experts)?;
+            busy += computing.elapsed();
+            pool.barrier().context(|| format!("waiting for decode step {step} failed"))?;
+            timings.steps.push(started.elapsed());
+        }
+        let wall = timings.prefill + timings.steps.iter().sum::<Duration>();
+        counts.busy = busy;
+        if let Some(prefetch) = &experts.prefetch {
+            counts.replicas = prefetch.replicas;
+            counts.prefetch_wait = prefetch.waited;
+        }
+
+        // Step 3.
+        let (mut traffic, mut replica_bytes) = (None, None);
+        if let Some(before) = traffic_before {
+            let stats = pool.stats().context(|| "reading the traffic counters failed".into())?;
+            traffic = Some(difference(&stats.traffic, &before));
+            // TODO: sum `NodeStats::replica_bytes` over the nodes once the
+            // pool reports it; until then replicas are not counted.
+            replica_bytes = Some(0);
+            for e in (0..cfg.experts).filter(|&e| advised[e]) {
+                self.set_read_mostly(e, false)?;
+            }
+        }
+        pool.barrier().context(|| format!("waiting for the replicas of the {} run to be dropped failed", mode.label()))?;
+        Ok(ModeRun { hidden_states, counts, timings, traffic, replica_bytes, wall })
+    }
+
+    /// Ends `step` on this node: adds its tokens per expert, `routed`, to
+    /// the step's load counters, and waits for its prefetches.
+    fn end_step(
+        &self,
+        step: usize,
+        routed: &Routing,
+        counts: &mut NodeCounts,
+        experts: &mut PoolExperts<'_>,
+    ) -> Result<()> {
+        let experts_n = self.cfg.experts;
+        for (e, &tokens) in routed.tokens.iter().enumerate().filter(|(_, &t)| t > 0) {
+            self.pool
+                .fetch_add_u64(self.addrs.load_addr(step, e, experts_n), tokens)
+                .context(|| format!("adding {tokens} tokens to the load counter of expert {e} in step {step} failed"))?;
+        }
+        counts.steps[step] = routed.clone();
+        if let Some(prefetch) = &mut experts.prefetch {
+            prefetch.finish().context(|| format!("waiting for the experts prefetched in step {step} failed"))?;
+        }
+        Ok(())
+    }
+
+    /// Replicates the experts that were hot in `step` and are not yet
+    /// read-mostly. Every node reads the step's load from the counters,
+    /// which every node finished adding to before the step's barrier, so
+    /// every node picks the same experts. Node 0 marks them read-mostly;
+    /// after a barrier, each node that routed at least an even share of an
+    /// expert's tokens in the step (`mine`) replicates it to itself and
+    /// waits for the copy.
+    fn replicate_hot(
+        &self,
+        step: usize,
+        factor: f64,
+        mine: &Routing,
+        advised: &mut [bool],
+        replicas: &mut ReplicaCounts,
+    ) -> Result<()> {
+        let (pool, experts) = (self.pool, self.cfg.experts);
+        let mut load = vec![0u64; experts];
+        pool.read_slice(self.addrs.load_addr(step, 0, experts), &mut load)
+            .context(|| format!("reading the expert load counters of step {step} failed"))?;
+        let hot: Vec<usize> = balance::hot_experts(&load, factor).into_iter().filter(|&e| !advised[e]).collect();
+        if hot.is_empty() {
+            return Ok(());
+        }
+        if pool.node() == NodeId(0) {
+            for &e in &hot {
+                self.set_read_mostly(e, true)?;
+            }
+        }
+        pool.barrier().context(|| format!("waiting for node 0 to mark the hot experts of step {step} failed"))?;
+        for e in hot {
+            advised[e] = true;
+            if self.local_experts[e] || !balance::is_heavy_user(mine.tokens[e], load[e], pool.size()) {
+                continue;
+            }
+            let addr = self.addrs.experts[e];
+            let copied = pool.prefetch(addr, self.cfg.expert_bytes() as usize, pool.node()).and_then(|mut p| p.wait());
+            match copied {
+                Ok(()) => replicas.made += 1,
+                Err(error) => replicas.failed(error).context(|| format!("replicating expert {e} at {addr} to this node failed"))?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Sets or unsets the read-mostly advice on every page of expert `e`.
+    /// Unsetting drops its replicas.
+    fn set_read_mostly(&self, e: usize, set: bool) -> Result<()> {
+        let (addr, len) = (self.addrs.experts[e], self.cfg.expert_bytes() as usize);
+        match set {
+            true => self.pool.advise(addr, len, Advice::ReadMostly),
+            false => self.pool.unadvise(addr, len, Advice::ReadMostly),
+        }
+        .context(|| format!("{} the read-mostly advice of expert {e} at {addr} failed", if set { "setting" } else { "unsetting" }))
     }
 }
 
@@ -326,35 +692,79 @@ pub struct Setup<'a> {
     pub print: &'a dyn Fn(),
 }
 
-/// Per-node results that node 0 gathers for the report.
+/// Per-node results of one run of the layer, which node 0 gathers.
+#[derive(Clone, Debug, Default, PartialEq)]
 struct NodeCounts {
-    expert_tokens: Vec<u64>,
     computed_tokens: u64,
     written_prompt_tokens: u64,
     busy: Duration,
+    /// Time spent waiting for prefetches before the next step.
+    prefetch_wait: Duration,
+    replicas: ReplicaCounts,
+    /// This node's routing in the prefill (index 0) and each decode step.
+    steps: Vec<Routing>,
 }
 
+/// Words of [`NodeCounts`] before the per-step routing.
+const COUNT_WORDS: usize = 6;
+
 impl NodeCounts {
+    /// Zero counts for `steps` steps, the prefill included.
+    fn new(experts: usize, steps: usize) -> Self {
+        NodeCounts { steps: vec![Routing::new(experts); steps], ..Default::default() }
+    }
+
+    /// This node's routing over the whole run.
+    fn total(&self, experts: usize) -> Routing {
+        let mut total = Routing::new(experts);
+        for step in &self.steps {
+            for e in 0..experts {
+                total.tokens[e] += step.tokens[e];
+                total.gate_sums[e] += step.gate_sums[e];
+            }
+        }
+        total
+    }
+
     fn encode(&self) -> Vec<u8> {
-        let mut words = self.expert_tokens.clone();
-        words.extend([self.computed_tokens, self.written_prompt_tokens, self.busy.as_nanos() as u64]);
+        let mut words = vec![
+            self.computed_tokens,
+            self.written_prompt_tokens,
+            self.busy.as_nanos() as u64,
+            self.prefetch_wait.as_nanos() as u64,
+            self.replicas.made,
+            self.replicas.skipped,
+        ];
+        for step in &self.steps {
+            words.extend(&step.tokens);
+            words.extend(step.gate_sums.iter().map(|g| g.to_bits()));
+        }
         le_bytes(&words)
     }
 
-    fn decode(bytes: &[u8], experts: usize) -> Result<Self> {
+    fn decode(bytes: &[u8], experts: usize, steps: usize) -> Result<Self> {
         let words = words(bytes, "token counts")?;
-        if words.len() != experts + 3 {
+        let expected = COUNT_WORDS + steps * 2 * experts;
+        if words.len() != expected {
             return Err(NodeError::Invalid(format!(
-                "a node sent {} token counts, expected {} for {experts} experts",
-                words.len(),
-                experts + 3
+                "a node sent {} words of token counts, expected {expected} for {experts} experts and {steps} steps",
+                words.len()
             )));
         }
+        let steps = words[COUNT_WORDS..]
+            .chunks_exact(2 * experts)
+            .map(|step| Routing {
+                tokens: step[..experts].to_vec(),
+                gate_sums: step[experts..].iter().map(|&bits| f64::from_bits(bits)).collect(),
+            })
+            .collect();
         Ok(NodeCounts {
-            expert_tokens: words[..experts].to_vec(),
-            computed_tokens: words[experts],
-            written_prompt_tokens: words[experts + 1],
-            busy: Duration::from_nanos(words[experts + 2]),
+            computed_tokens: words[0],
+            written_prompt_tokens: words[1],
+            busy: Duration::from_nanos(words[2]),
+            prefetch_wait: Duration::from_nanos(words[3]),
+            replicas: ReplicaCounts { made: words[4], skipped: words[5] },
+            steps,
         })
     }
 }
@@ -368,7 +778,7 @@ impl NodeCounts {
 /// launcher may stop this node before it writes anything. That error is
 /// returned as [`NodeError::Reported`].
 pub fn run_node(setup: &Setup<'_>) -> Result<bool> {
-    let pool = Config::from_env().and_then(Pool::join).context(|| "joining the group failed".into())?;
+    let pool = Arc::new(Config::from_env().and_then(Pool::join).context(|| "joining the group failed".into())?);
     match run_joined(&pool, setup) {
         Ok(equal) => Ok(equal),
         Err(e) => {
@@ -383,7 +793,7 @@ pub fn run_node(setup: &Setup<'_>) -> Result<bool> {
     }
 }
 
-fn run_joined(pool: &Pool, setup: &Setup<'_>) -> Result<bool> {
+fn run_joined(pool: &Arc<Pool>, setup: &Setup<'_>) -> Result<bool> {
     let (args, cfg, workload, plan) = (setup.args, setup.cfg, setup.workload, setup.plan);
 
     // Phase 1: place the weights from node 0.
@@ -433,7 +843,11 @@ fn run_joined(pool: &Pool, setup: &Setup<'_>) -> Result<bool> {
             .context(|| format!("allocating {} KV block reference counts failed", plan.blocks()))?;
         pool.write_slice(ref_counts, &vec![0u64; plan.blocks()])
             .context(|| "zeroing the reference counts failed".into())?;
-        addrs_bytes = WeightAddrs { dense, experts, ref_counts }.encode();
+        // Zeroed by every run of the layer before it starts.
+        let load_counters = allocator
+            .alloc::<u64>((workload.steps + 1) * cfg.experts, Placement::Local)
+            .context(|| format!("allocating {} expert load counters failed", (workload.steps + 1) * cfg.experts))?;
+        addrs_bytes = WeightAddrs { dense, experts, ref_counts, load_counters }.encode();
         println!();
         println!(
             "weights generated from seed {} in {:.3} s on node 0, placed and written in {:.3} s",
@@ -488,142 +902,107 @@ fn run_joined(pool: &Pool, setup: &Setup<'_>) -> Result<bool> {
         }
     }
     pool.barrier().context(|| "waiting for the reference counts failed".into())?;
-    let traffic_before = match me == root {
-        true => {
-            check_ref_counts(pool, cfg, plan, &addrs)?;
-            Some(pool.stats().context(|| "reading the traffic counters failed".into())?.traffic)
-        }
-        false => None,
-    };
-    pool.barrier().context(|| "waiting for node 0 to read the traffic counters failed".into())?;
-
-    // Phase 3: prefill.
-    let layer = Layer { cfg, dense: &dense, seed: workload.seed, scale: workload.scale };
-    let mut kv = PoolKv { pool, blocks: &block_addrs, kv_dim: cfg.kv_dim() };
-    let buffer = ExpertWeights::from_data(cfg, vec![0.0; ExpertWeights::len(cfg)])
-        .ok_or_else(|| NodeError::Invalid("an expert buffer of the configured length was rejected".into()))?;
-    let mut experts = PoolExperts { pool, addrs: &addrs.experts, buffer };
-    let mut out = RunOutput {
-        hidden_states: vec![Vec::new(); workload.sequences.len()],
-        expert_tokens: vec![0; cfg.experts],
-        computed_tokens: 0,
-        written_prompt_tokens: 0,
-    };
-    let mut timings = Timings::default();
-    let mut busy = Duration::ZERO;
-    let step_failed = |s: usize, phase: &str, e| NodeError::Pool {
-        context: format!("{phase} of sequence {s} failed"),
-        source: step_error(e),
+    if me == root {
+        check_ref_counts(pool, cfg, plan, &addrs)?;
+    }
+    let output_addrs = {
+        let pairs: Vec<u64> = outputs.iter().flat_map(|&(s, addr)| [s as u64, addr.0]).collect();
+        let gathered = pool.all_gather(&le_bytes(&pairs)).context(|| "exchanging output addresses failed".into())?;
+        decode_pairs(&gathered, workload.sequences.len(), "output")?
     };
 
-    let started = Instant::now();
-    for &s in &mine {
-        let written = sequence::write_prompt_kv(layer, plan, s, &workload.sequences[s], &mut kv)
-            .context(|| format!("writing the prompt keys and values of sequence {s} failed"))?;
-        out.written_prompt_tokens += written as u64;
+    // Phases 3 and 4, once per mode: prefill and decode.
+    let modes = Mode::requested(args);
+    if modes.len() > 1 && is_slab_sized(cfg.expert_bytes(), std::mem::align_of::<f32>(), pool.page_size() as u64) {
+        return Err(NodeError::Invalid(format!(
+            "an expert of {} is a small block inside a shared page, but replication advice applies to whole \
+             pages; run without --replicate-hot and --prefetch",
+            format_bytes(cfg.expert_bytes())
+        )));
     }
-    busy += started.elapsed();
-    pool.barrier().context(|| "waiting for the prompt keys and values failed".into())?;
-    let computing = Instant::now();
-    for &s in &mine {
-        let (last, computed) =
-            sequence::prefill(layer, plan, s, &workload.sequences[s], &mut kv, &mut experts, &mut out.expert_tokens)
-                .map_err(|e| step_failed(s, "prefill", e))?;
-        out.hidden_states[s] = last;
-        out.computed_tokens += computed as u64;
+    let mut local_experts = Vec::with_capacity(cfg.experts);
+    for &addr in &addrs.experts {
+        local_experts.push(homes(pool, addr, cfg.expert_bytes())?.iter().all(|&(node, _)| node == me));
     }
-    busy += computing.elapsed();
-    pool.barrier().context(|| "waiting for the prefill failed".into())?;
-    timings.prefill = started.elapsed();
-
-    // Phase 4: decode.
-    for step in 0..workload.steps {
-        let started = Instant::now();
-        for &s in &mine {
-            let states = &mut out.hidden_states[s];
-            let previous = states[states.len() - cfg.hidden..].to_vec();
-            let position = workload.sequences[s].prompt_tokens + step;
-            let row = sequence::decode(
-                layer,
-                &plan.sequences[s],
-                position,
-                &previous,
-                &mut kv,
-                &mut experts,
-                &mut out.expert_tokens,
-            )
-            .map_err(|e| step_failed(s, "decode", e))?;
-            states.extend_from_slice(&row);
-            out.computed_tokens += 1;
-        }
-        busy += started.elapsed();
-        pool.barrier().context(|| format!("waiting for decode step {step} failed"))?;
-        timings.steps.push(started.elapsed());
-    }
-    let traffic = match traffic_before {
-        Some(before) => {
-            Some(difference(&pool.stats().context(|| "reading the traffic counters failed".into())?.traffic, &before))
-        }
-        None => None,
+    let runner = LayerRun {
+        pool,
+        cfg,
+        workload,
+        plan,
+        dense: &dense,
+        addrs: &addrs,
+        block_addrs: &block_addrs,
+        mine: &mine,
+        local_experts,
     };
-
-    // Phase 5: gather the hidden states through pool memory.
-    let mut my_outputs: Vec<u64> = Vec::new();
-    for &(s, addr) in &outputs {
-        pool.write_slice(addr, &out.hidden_states[s])
-            .context(|| format!("writing the output rows of sequence {s} failed"))?;
-        my_outputs.extend([s as u64, addr.0]);
-    }
-    pool.barrier().context(|| "waiting for the output rows failed".into())?;
-    let gathered = pool.all_gather(&le_bytes(&my_outputs)).context(|| "exchanging output addresses failed".into())?;
-    let counts = pool
-        .all_gather(
-            &NodeCounts {
-                expert_tokens: out.expert_tokens.clone(),
-                computed_tokens: out.computed_tokens,
-                written_prompt_tokens: out.written_prompt_tokens,
-                busy,
-            }
-            .encode(),
-        )
-        .context(|| "exchanging token counts failed".into())?;
     let mut equal = true;
-    if let Some(weights) = &weights {
-        let output_addrs = decode_pairs(&gathered, workload.sequences.len(), "output")?;
+    let mut expected: Option<Vec<Vec<f32>>> = None;
+    let mut first_loads: Option<Vec<Vec<u64>>> = None;
+    let mut rows = Vec::new();
+    for (index, &mode) in modes.iter().enumerate() {
+        let run = runner.run(mode)?;
+
+        // Phase 5: gather the hidden states through pool memory.
+        for &(s, addr) in &outputs {
+            pool.write_slice(addr, &run.hidden_states[s])
+                .context(|| format!("writing the output rows of sequence {s} failed"))?;
+        }
+        pool.barrier().context(|| "waiting for the output rows failed".into())?;
+        let counts = pool.all_gather(&run.counts.encode()).context(|| "exchanging token counts failed".into())?;
+        let Some(weights) = &weights else { continue };
+        let counts = counts
+            .iter()
+            .map(|bytes| NodeCounts::decode(bytes, cfg.experts, workload.steps + 1))
+            .collect::<Result<Vec<_>>>()?;
         let mut distributed = vec![vec![0.0f32; row_values]; workload.sequences.len()];
         for (s, (&addr, row)) in output_addrs.iter().zip(&mut distributed).enumerate() {
             pool.read_slice(addr, row).context(|| format!("reading the output rows of sequence {s} failed"))?;
         }
-        let started = Instant::now();
-        let (expected, _) = reference::run(cfg, weights, workload, plan)
-            .map_err(|e| NodeError::Invalid(format!("the reference run on node 0 failed: {e}")))?;
-        let reference_time = started.elapsed();
-        let comparison = reference::compare(&expected.hidden_states, &distributed);
-        equal = comparison.equal();
-        println!();
-        println!("equal: {equal} ({} values compared)", comparison.compared);
-        if let Some((seq, index, want, got)) = comparison.first_mismatch {
-            println!(
-                "first difference: sequence {seq}, value {index}: reference {want:e}, distributed {got:e}; {} values differ",
-                comparison.mismatches
-            );
-        }
-        if let Some(shape) = &comparison.shape_mismatch {
-            println!("shapes differ: {shape}");
-        }
-        println!("reference computed on node 0 in {:.3} s", reference_time.as_secs_f64());
+        let loads = read_loads(pool, cfg, workload, &addrs)?;
+        let routing = total_routing(cfg, &counts);
+        let mode_equal = if index == 0 {
+            // The first mode is the plain run: print the comparison and
+            // the full report, while everything is still allocated.
+            let started = Instant::now();
+            let (reference_out, _) = reference::run(cfg, weights, workload, plan)
+                .map_err(|e| NodeError::Invalid(format!("the reference run on node 0 failed: {e}")))?;
+            let reference_time = started.elapsed();
+            let comparison = reference::compare(&reference_out.hidden_states, &distributed);
+            println!();
+            println!("equal: {} ({} values compared)", comparison.equal(), comparison.compared);
+            print_mismatch("", &comparison);
+            println!("reference computed on node 0 in {:.3} s", reference_time.as_secs_f64());
 
-        // Phase 6a: the report, while everything is still allocated.
-        let counts = counts.iter().map(|bytes| NodeCounts::decode(bytes, cfg.experts)).collect::<Result<Vec<_>>>()?;
-        let traffic = traffic.unwrap_or_default();
-        print_report(pool, cfg, plan, &addrs, &block_addrs, &counts, &traffic)?;
-        let distributed_out = RunOutput {
-            hidden_states: distributed,
-            expert_tokens: (0..cfg.experts).map(|e| counts.iter().map(|c| c.expert_tokens[e]).sum()).collect(),
-            computed_tokens: counts.iter().map(|c| c.computed_tokens).sum(),
-            written_prompt_tokens: counts.iter().map(|c| c.written_prompt_tokens).sum(),
+            let traffic = run.traffic.clone().unwrap_or_default();
+            print_report(pool, cfg, plan, &addrs, &block_addrs, &counts, &traffic)?;
+            let routing_matches = print_balance(cfg, &loads, &counts, &reference_out.routing.tokens);
+            let distributed_out = RunOutput {
+                hidden_states: distributed,
+                routing,
+                computed_tokens: counts.iter().map(|c| c.computed_tokens).sum(),
+                written_prompt_tokens: counts.iter().map(|c| c.written_prompt_tokens).sum(),
+            };
+            report::print_run("distributed", &distributed_out, &run.timings);
+            expected = Some(reference_out.hidden_states);
+            first_loads = Some(loads);
+            comparison.equal() && routing_matches
+        } else {
+            let expected = expected.as_ref().ok_or_else(|| NodeError::Invalid("the reference ran in no mode".into()))?;
+            let comparison = reference::compare(expected, &distributed);
+            print_mismatch(&format!("{}: ", mode.label()), &comparison);
+            // Routing does not depend on where the weights are read from.
+            let same_load = first_loads.as_ref() == Some(&loads);
+            if !same_load {
+                println!("{}: the load counters in pool memory differ from the first run's", mode.label());
+            }
+            comparison.equal() && same_load
         };
-        report::print_run("distributed", &distributed_out, &timings);
+        equal &= mode_equal;
+        rows.push(mode_row(pool, mode, &run, &counts, mode_equal)?);
+    }
+    if me == root && modes.len() > 1 {
+        report::print_modes(LinkModel::default(), workload.steps, &rows);
+        println!("equal in every mode: {equal}");
     }
 
     // Phase 6b: release. The last user of a KV block frees it.
@@ -654,6 +1033,7 @@ fn run_joined(pool: &Pool, setup: &Setup<'_>) -> Result<bool> {
             pool.free(addr).context(|| format!("freeing weight tensor {i} at {addr} failed"))?;
         }
         pool.free(addrs.ref_counts).context(|| "freeing the reference counts failed".into())?;
+        pool.free(addrs.load_counters).context(|| "freeing the load counters failed".into())?;
     }
     let slab_pages: Vec<u64> = allocator.slab_pages.iter().flat_map(|&(home, page)| [home as u64, page]).collect();
     let slab_pages = pool.all_gather(&le_bytes(&slab_pages)).context(|| "exchanging slab pages failed".into())?;
@@ -662,6 +1042,112 @@ fn run_joined(pool: &Pool, setup: &Setup<'_>) -> Result<bool> {
         equal &= clean;
     }
     Ok(equal)
+}
+
+/// Prints the first difference and any shape mismatch of `comparison`,
+/// each line starting with `prefix`.
+fn print_mismatch(prefix: &str, comparison: &Comparison) {
+    if let Some((seq, index, want, got)) = comparison.first_mismatch {
+        println!(
+            "{prefix}first difference: sequence {seq}, value {index}: reference {want:e}, distributed {got:e}; {} values differ",
+            comparison.mismatches
+        );
+    }
+    if let Some(shape) = &comparison.shape_mismatch {
+        println!("{prefix}shapes differ: {shape}");
+    }
+}
+
+/// Reads the expert load counters of every step from pool memory.
+fn read_loads(pool: &Pool, cfg: &ModelConfig, workload: &Workload, addrs: &WeightAddrs) -> Result<Vec<Vec<u64>>> {
+    let mut flat = vec![0u64; (workload.steps + 1) * cfg.experts];
+    pool.read_slice(addrs.load_counters, &mut flat).context(|| "reading the expert load counters failed".into())?;
+    Ok(flat.chunks_exact(cfg.experts).map(<[u64]>::to_vec).collect())
+}
+
+/// Sums the nodes' routing over the whole run.
+fn total_routing(cfg: &ModelConfig, counts: &[NodeCounts]) -> Routing {
+    let mut total = Routing::new(cfg.experts);
+    for node in counts {
+        let routing = node.total(cfg.experts);
+        for e in 0..cfg.experts {
+            total.tokens[e] += routing.tokens[e];
+            total.gate_sums[e] += routing.gate_sums[e];
+        }
+    }
+    total
+}
+
+/// Prints the load of each expert per step, read from the counters in pool
+/// memory, with the global-batch load-balancing loss of each step and of
+/// the whole run, and the mean of the per-node losses for contrast.
+/// Returns whether the counters agree with the nodes' own counts and with
+/// the reference's routing.
+fn print_balance(cfg: &ModelConfig, loads: &[Vec<u64>], counts: &[NodeCounts], reference: &[u64]) -> bool {
+    let mut whole = Routing::new(cfg.experts);
+    let mut agree = true;
+    println!();
+    println!("expert load of the whole batch, from the counters every node adds to in pool memory:");
+    let header: Vec<String> = (0..cfg.experts).map(|e| format!("{:>6}", format!("e{e}"))).collect();
+    println!("{:>9} {} {:>7}", "step", header.join(" "), "LBL");
+    for (step, load) in loads.iter().enumerate() {
+        let mut routing = Routing { tokens: load.clone(), gate_sums: vec![0.0; cfg.experts] };
+        let mut own = vec![0u64; cfg.experts];
+        for node in counts {
+            for e in 0..cfg.experts {
+                routing.gate_sums[e] += node.steps[step].gate_sums[e];
+                own[e] += node.steps[step].tokens[e];
+            }
+        }
+        agree &= own == *load;
+        for e in 0..cfg.experts {
+            whole.tokens[e] += routing.tokens[e];
+            whole.gate_sums[e] += routing.gate_sums[e];
+        }
+        let name = if step == 0 { "prefill".to_string() } else { format!("decode {}", step - 1) };
+        let cells: Vec<String> = load.iter().map(|c| format!("{c:>6}")).collect();
+        println!("{name:>9} {} {:>7}", cells.join(" "), format_loss(balance::load_balancing_loss(&routing, cfg.top_k)));
+    }
+    let cells: Vec<String> = whole.tokens.iter().map(|c| format!("{c:>6}")).collect();
+    println!("{:>9} {} {:>7}", "all", cells.join(" "), format_loss(balance::load_balancing_loss(&whole, cfg.top_k)));
+
+    let per_node: Vec<f64> =
+        counts.iter().filter_map(|node| balance::load_balancing_loss(&node.total(cfg.experts), cfg.top_k)).collect();
+    let mean = per_node.iter().sum::<f64>() / per_node.len().max(1) as f64;
+    println!(
+        "LBL: global-batch load-balancing loss N_E * sum_i f_i * P_i over the tokens of every node \
+         (1.000 when even, {} at most); the mean of the per-node losses over the whole run is {mean:.3}",
+        cfg.experts
+    );
+    agree &= whole.tokens == reference;
+    println!("load counters agree with the nodes' own counts and the reference's routing: {agree}");
+    agree
+}
+
+fn format_loss(loss: Option<f64>) -> String {
+    loss.map_or_else(|| "-".into(), |l| format!("{l:.3}"))
+}
+
+/// Returns the comparison row of one mode, from node 0's view of its run
+/// and every node's counts.
+fn mode_row(pool: &Pool, mode: Mode, run: &ModeRun, counts: &[NodeCounts], equal: bool) -> Result<ModeRow> {
+    let traffic = run.traffic.clone().unwrap_or_default();
+    let summary = TrafficSummary::from_matrix(&pool.mesh(), &traffic).map_err(NodeError::Invalid)?;
+    let estimate = pool
+        .mesh()
+        .estimate(&traffic, LinkModel::default())
+        .context(|| format!("estimating the traffic of the {} run on the mesh model failed", mode.label()))?;
+    Ok(ModeRow {
+        label: mode.label(),
+        remote_bytes: summary.remote_bytes,
+        estimate,
+        replicas: counts.iter().map(|c| c.replicas.made).sum(),
+        replicas_skipped: counts.iter().map(|c| c.replicas.skipped).sum(),
+        replica_bytes: run.replica_bytes.unwrap_or(0),
+        prefetch_wait: counts.iter().map(|c| c.prefetch_wait).sum(),
+        wall: run.wall,
+        equal,
+    })
 }
 
 /// Turns a failed step into the pool error behind it; both the KV store and

@@ -11,6 +11,7 @@
 //! prints the plan, the comparison and the report. See `README.md` beside
 //! this file.
 
+mod balance;
 mod cli;
 mod driver;
 mod kernels;
@@ -110,7 +111,8 @@ fn run_launcher(args: &cli::Args) -> Result<ExitCode, Failure> {
     let prepared = prepare(args)?;
     let page = driver::page_size(&prepared.cfg);
     let capacity = args.node_capacity.unwrap_or_else(|| {
-        driver::default_node_capacity(&prepared.cfg, args.placement, args.mesh.len(), &prepared.plan, args.steps)
+        let replicas = args.replicate_hot.is_some() || args.prefetch;
+        driver::default_node_capacity(&prepared.cfg, args.placement, args.mesh.len(), &prepared.plan, args.steps, replicas)
     });
     let report = driver::launch(args, capacity, page)
         .map_err(|e| Failure::Run(format!("starting the nodes of mesh {} failed: {e}", args.mesh)))?;

@@ -441,10 +441,42 @@ pub fn attention(cfg: &ModelConfig, q: &[f32], ctx: &Context, tokens: usize) -> 
     out
 }
 
+/// What the router did over some tokens: how many were routed to each
+/// expert, and each expert's gate probability summed over all of them.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Routing {
+    /// Tokens routed to each expert; each token counts once for each of
+    /// its `top_k` experts.
+    pub tokens: Vec<u64>,
+    /// Sum over the tokens of each expert's softmax probability, taken
+    /// before the top-k selection, whether the expert was chosen or not.
+    pub gate_sums: Vec<f64>,
+}
+
+impl Routing {
+    pub fn new(experts: usize) -> Self {
+        Routing { tokens: vec![0; experts], gate_sums: vec![0.0; experts] }
+    }
+
+    /// Tokens run through the router: the routed slots over `top_k`.
+    pub fn routed_tokens(&self, top_k: usize) -> u64 {
+        self.tokens.iter().sum::<u64>() / top_k.max(1) as u64
+    }
+
+    /// Returns what was routed since `earlier`, a copy taken before.
+    pub fn since(&self, earlier: &Routing) -> Routing {
+        Routing {
+            tokens: self.tokens.iter().zip(&earlier.tokens).map(|(a, b)| a - b).collect(),
+            gate_sums: self.gate_sums.iter().zip(&earlier.gate_sums).map(|(a, b)| a - b).collect(),
+        }
+    }
+}
+
 /// Computes the layer's output for a token with input row `x` at position
 /// `tokens - 1`, attending over the first `tokens` rows of `ctx`, whose
 /// last row must be this token's own key and value. Adds one to
-/// `expert_tokens[e]` for each expert `e` the token is routed to.
+/// `routing.tokens[e]` for each expert `e` the token is routed to, and
+/// every expert's gate probability to `routing.gate_sums`.
 pub fn forward<S: ExpertSource>(
     cfg: &ModelConfig,
     w: &DenseWeights,
@@ -452,7 +484,7 @@ pub fn forward<S: ExpertSource>(
     ctx: &Context,
     tokens: usize,
     x: &[f32],
-    expert_tokens: &mut [u64],
+    routing: &mut Routing,
 ) -> Result<Vec<f32>, S::Error> {
     let xn = rms_norm(x, &w.attn_norm, cfg.norm_eps);
     let mut q = vec![0.0; cfg.q_dim()];
@@ -466,13 +498,16 @@ pub fn forward<S: ExpertSource>(
     let mut probs = vec![0.0; cfg.experts];
     matvec(&w.router, &hn, &mut probs);
     softmax_in_place(&mut probs);
+    for (sum, &p) in routing.gate_sums.iter_mut().zip(&probs) {
+        *sum += f64::from(p);
+    }
     let chosen = top_k(&probs, cfg.top_k);
     let chosen_sum = chosen.iter().fold(0.0f32, |sum, &e| sum + probs[e]);
 
     // Experts are added in rank order, largest weight first.
     let mut out = h;
     for &e in &chosen {
-        expert_tokens[e] += 1;
+        routing.tokens[e] += 1;
         let weight = probs[e] / chosen_sum;
         let y = experts.expert(e)?.forward(&hn);
         for (o, y) in out.iter_mut().zip(&y) {
@@ -553,11 +588,14 @@ mod tests {
         let x = token_embedding(3, 0, 0, cfg.hidden);
         let (k, v) = key_value(&cfg, &w.dense, &x);
         let ctx = Context { keys: k, values: v };
-        let mut counts = vec![0; cfg.experts];
+        let mut routing = Routing::new(cfg.experts);
         let mut experts = w.experts.as_slice();
-        let out = forward(&cfg, &w.dense, &mut experts, &ctx, 1, &x, &mut counts).unwrap();
+        let out = forward(&cfg, &w.dense, &mut experts, &ctx, 1, &x, &mut routing).unwrap();
         assert_eq!(out.len(), cfg.hidden);
         assert!(out.iter().all(|v| v.is_finite()));
-        assert_eq!(counts.iter().sum::<u64>(), cfg.top_k as u64);
+        assert_eq!(routing.tokens.iter().sum::<u64>(), cfg.top_k as u64);
+        assert_eq!(routing.routed_tokens(cfg.top_k), 1);
+        // The probabilities of one token sum to 1, up to rounding.
+        assert!((routing.gate_sums.iter().sum::<f64>() - 1.0).abs() < 1e-5, "{:?}", routing.gate_sums);
     }
 }

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::model::{ModelConfig, Weights};
+use crate::model::{ModelConfig, Routing, Weights};
 use crate::prefix::SharingPlan;
 use crate::sequence::{self, BlockOutOfRange, Layer, LocalKvStore, StepError, Workload};
 
@@ -14,8 +14,9 @@ pub struct RunOutput {
     /// Per sequence, the output row of the last prompt token followed by
     /// the row of each decode step: `(steps + 1) * hidden` values.
     pub hidden_states: Vec<Vec<f32>>,
-    /// Tokens routed to each expert.
-    pub expert_tokens: Vec<u64>,
+    /// Tokens routed to each expert and the sums of their gate
+    /// probabilities.
+    pub routing: Routing,
     /// Tokens run through the layer, prefill and decode.
     pub computed_tokens: u64,
     /// Prompt tokens whose keys and values were written.
@@ -42,7 +43,7 @@ pub fn run(
     let mut experts = weights.experts.as_slice();
     let mut out = RunOutput {
         hidden_states: vec![Vec::new(); workload.sequences.len()],
-        expert_tokens: vec![0; cfg.experts],
+        routing: Routing::new(cfg.experts),
         computed_tokens: 0,
         written_prompt_tokens: 0,
     };
@@ -65,7 +66,7 @@ pub fn run(
             seq,
             &mut kv,
             &mut experts,
-            &mut out.expert_tokens,
+            &mut out.routing,
         )?;
         out.hidden_states[index] = last;
         out.computed_tokens += computed as u64;
@@ -84,7 +85,7 @@ pub fn run(
                 &previous,
                 &mut kv,
                 &mut experts,
-                &mut out.expert_tokens,
+                &mut out.routing,
             )?;
             states.extend_from_slice(&row);
             out.computed_tokens += 1;
@@ -185,7 +186,7 @@ mod tests {
         let (first, _) = run(&cfg, &weights, &work, &plan).unwrap();
         let (second, _) = run(&cfg, &weights, &work, &plan).unwrap();
         assert!(compare(&first.hidden_states, &second.hidden_states).equal());
-        assert_eq!(first.expert_tokens, second.expert_tokens);
+        assert_eq!(first.routing, second.routing);
     }
 
     #[test]
@@ -198,7 +199,7 @@ mod tests {
         assert!(out.hidden_states.iter().all(|s| s.len() == 4 * cfg.hidden));
         assert!(out.hidden_states.iter().flatten().all(|v| v.is_finite()));
         assert_eq!(timings.steps.len(), 3);
-        let routed: u64 = out.expert_tokens.iter().sum();
+        let routed: u64 = out.routing.tokens.iter().sum();
         assert_eq!(routed, out.computed_tokens * cfg.top_k as u64);
     }
 

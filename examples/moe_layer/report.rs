@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use meshmem::{Mesh3d, NodeId};
+use meshmem::{LinkModel, Mesh3d, NodeId, TrafficEstimate};
 
 use crate::model::{ModelConfig, F32_BYTES};
 use crate::prefix::SharingPlan;
@@ -101,7 +101,7 @@ pub fn print_run(label: &str, out: &RunOutput, timings: &Timings) {
         "{label}: {} prompt tokens written to the cache, {} tokens run through the layer",
         out.written_prompt_tokens, out.computed_tokens
     );
-    print_expert_load(&out.expert_tokens);
+    print_expert_load(&out.routing.tokens);
     println!("prefill: {}", format_duration(timings.prefill));
     for (step, time) in timings.steps.iter().enumerate() {
         println!("decode step {step}: {}", format_duration(*time));
@@ -245,6 +245,83 @@ pub fn print_traffic(phase: &str, summary: &TrafficSummary, traffic: &[Vec<u64>]
     }
 }
 
+/// One row of the comparison of the modes: what one run of the layer
+/// moved, what it would cost on the mesh, and whether it was right.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModeRow {
+    pub label: String,
+    /// Bytes read or written on a node other than the reader's.
+    pub remote_bytes: u64,
+    /// The run's traffic routed over the mesh model's links.
+    pub estimate: TrafficEstimate,
+    /// Replicas made, over all nodes.
+    pub replicas: u64,
+    /// Replicas not made because the node had no free frame.
+    pub replicas_skipped: u64,
+    /// Bytes of replicas on all nodes at the end of the run.
+    pub replica_bytes: u64,
+    /// Time the nodes spent waiting for background prefetches, summed.
+    pub prefetch_wait: Duration,
+    /// Node 0's wall time of the prefill and the decode steps.
+    pub wall: Duration,
+    /// Whether the hidden states equal the reference bit for bit.
+    pub equal: bool,
+}
+
+/// Prints one row per mode, estimated on the mesh with `model`.
+pub fn print_modes(model: LinkModel, steps: usize, rows: &[ModeRow]) {
+    println!();
+    println!(
+        "modes compared, each a run of the prefill and {steps} decode steps; estimated time on the mesh model \
+         at {:.0} GB/s per link and direction and {:.0} ns per hop:",
+        model.bandwidth / 1e9,
+        model.hop_latency * 1e9
+    );
+    println!(
+        "{:<20} {:>11} {:>11} {:>10} {:>21} {:>8} {:>14} {:>11}  equal",
+        "mode", "remote", "hop-bytes", "est. time", "busiest link", "replicas", "replica memory", "wall"
+    );
+    for row in rows {
+        let busiest = match row.estimate.busiest {
+            Some(((from, to), bytes)) => format!("{from}->{to} {}", format_bytes(bytes)),
+            None => "-".into(),
+        };
+        println!(
+            "{:<20} {:>11} {:>11} {:>10} {:>21} {:>8} {:>14} {:>11}  {}",
+            row.label,
+            format_bytes(row.remote_bytes),
+            format_bytes(row.estimate.hop_bytes),
+            format_seconds(row.estimate.seconds),
+            busiest,
+            row.replicas,
+            format_bytes(row.replica_bytes),
+            format_duration(row.wall),
+            row.equal
+        );
+    }
+    for row in rows.iter().filter(|r| r.replicas_skipped > 0) {
+        println!("{}: {} replicas not made because their node had no free frame", row.label, row.replicas_skipped);
+    }
+    for row in rows.iter().filter(|r| !r.prefetch_wait.is_zero()) {
+        println!(
+            "{}: the nodes waited {} in all for background copies before their next step",
+            row.label,
+            format_duration(row.prefetch_wait)
+        );
+    }
+}
+
+/// Formats seconds with the unit that keeps three to four digits.
+fn format_seconds(seconds: f64) -> String {
+    if seconds >= 1.0 {
+        format!("{seconds:.3} s")
+    } else if seconds >= 1e-3 {
+        format!("{:.3} ms", seconds * 1e3)
+    } else {
+        format!("{:.1} us", seconds * 1e6)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -267,6 +344,14 @@ mod tests {
     fn checksum_sees_sign_of_zero() {
         assert_ne!(checksum(&[vec![0.0]]), checksum(&[vec![-0.0]]));
         assert_eq!(checksum(&[vec![1.0, 2.0]]), checksum(&[vec![1.0], vec![2.0]]));
+    }
+
+    #[test]
+    fn seconds_are_formatted() {
+        assert_eq!(format_seconds(2.5), "2.500 s");
+        assert_eq!(format_seconds(0.0125), "12.500 ms");
+        assert_eq!(format_seconds(226.8e-6), "226.8 us");
+        assert_eq!(format_seconds(0.0), "0.0 us");
     }
 
     #[test]

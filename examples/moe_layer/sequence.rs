@@ -19,7 +19,7 @@
 
 use std::fmt;
 
-use crate::model::{self, Context, DenseWeights, ExpertSource, ModelConfig};
+use crate::model::{self, Context, DenseWeights, ExpertSource, ModelConfig, Routing};
 use crate::prefix::{BlockId, SequenceBlocks, SharingPlan, KV_BLOCK_TOKENS};
 use crate::trace::{Scale, Sequence};
 
@@ -213,7 +213,7 @@ pub fn gather<K: KvStore>(
 
 /// Phase 2: runs the layer for the prompt tokens of the blocks sequence
 /// `index` writes and for its last prompt token, whose output it returns.
-/// Adds the routed tokens to `expert_tokens` and returns the number of
+/// Adds the routed tokens to `routing` and returns the number of
 /// tokens run as the second value.
 #[allow(clippy::too_many_arguments)]
 pub fn prefill<K: KvStore, X: ExpertSource>(
@@ -223,7 +223,7 @@ pub fn prefill<K: KvStore, X: ExpertSource>(
     seq: &Sequence,
     kv: &mut K,
     experts: &mut X,
-    expert_tokens: &mut [u64],
+    routing: &mut Routing,
 ) -> Result<(Vec<f32>, usize), StepError<K::Error, X::Error>> {
     let blocks = &plan.sequences[index];
     let ctx = gather(layer.cfg, blocks, seq.prompt_tokens, kv).map_err(StepError::Kv)?;
@@ -244,7 +244,7 @@ pub fn prefill<K: KvStore, X: ExpertSource>(
             &ctx,
             position + 1,
             &x,
-            expert_tokens,
+            routing,
         )
         .map_err(StepError::Expert)?;
         computed += 1;
@@ -261,7 +261,7 @@ pub fn decode<K: KvStore, X: ExpertSource>(
     previous: &[f32],
     kv: &mut K,
     experts: &mut X,
-    expert_tokens: &mut [u64],
+    routing: &mut Routing,
 ) -> Result<Vec<f32>, StepError<K::Error, X::Error>> {
     let x = model::next_input(previous);
     let (key, value) = model::key_value(layer.cfg, layer.dense, &x);
@@ -269,6 +269,6 @@ pub fn decode<K: KvStore, X: ExpertSource>(
     kv.write_token(block, slot, &key, &value).map_err(StepError::Kv)?;
 
     let ctx = gather(layer.cfg, blocks, position + 1, kv).map_err(StepError::Kv)?;
-    model::forward(layer.cfg, layer.dense, experts, &ctx, position + 1, &x, expert_tokens)
+    model::forward(layer.cfg, layer.dense, experts, &ctx, position + 1, &x, routing)
         .map_err(StepError::Expert)
 }
