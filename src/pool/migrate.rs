@@ -305,14 +305,34 @@ impl Pool {
             return rollback(e);
         }
 
-        // 4. Copy each page to its new frame.
+        // 4. Copy each page to its new frame: one copy between the two
+        //    segments where both are mapped here, else through a buffer.
         let page_size = self.layout.page_size as usize;
-        let mut buffer = vec![0u8; page_size];
+        let mut buffer = Vec::new();
         for (&(_, pte), &frame) in moving.iter().zip(frames) {
-            let copied = self
-                .transport
-                .read(pte.home(), self.layout.frame_offset(pte.frame()), &mut buffer)
-                .and_then(|_| self.transport.write(target, self.layout.frame_offset(frame), &buffer));
+            let from = self.layout.frame_offset(pte.frame());
+            let to = self.layout.frame_offset(frame);
+            let views = (self.transport.local_view(pte.home()), self.transport.local_view(target));
+            let copied = match views {
+                (Some(source), Some(destination)) if from + page_size as u64 <= source.len && to + page_size as u64 <= destination.len => {
+                    // SAFETY: both ranges are whole frames inside live
+                    // mappings of two different frames, so they do not
+                    // overlap; no process writes the source (it is
+                    // write-protected and drained) or the destination (it is
+                    // not yet in the page table).
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(source.ptr.add(from as usize), destination.ptr.add(to as usize), page_size)
+                    };
+                    self.transport.count_copy(pte.home(), target, page_size as u64);
+                    Ok(())
+                }
+                _ => {
+                    buffer.resize(page_size, 0);
+                    self.transport
+                        .read(pte.home(), from, &mut buffer)
+                        .and_then(|_| self.transport.write(target, to, &buffer))
+                }
+            };
             if let Err(e) = copied {
                 return rollback(e);
             }
