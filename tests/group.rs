@@ -460,15 +460,15 @@ fn migrate() {
         // Bad input: a node outside the mesh, and a node with two free frames.
         let err = pool.migrate(range, page, NodeId(9)).unwrap_err();
         assert!(matches!(err, Error::NodeOutOfRange { node: 9, .. }), "{err}");
-        let hog = pool.alloc(Layout::from_size_align(pool.node_capacity() as usize - 2 * page, 8).unwrap(), Placement::Node(NodeId(2)), Advice::None);
-        if let Ok(hog) = hog {
-            let home = pool.home_of(range).unwrap();
-            let err = pool.migrate(range, PAGES * page, NodeId(2)).unwrap_err();
-            assert!(matches!(err, Error::OutOfMemory { node: NodeId(2), .. }), "{err}");
-            assert!(err.to_string().contains(&format!("{} bytes", PAGES * page)), "{err}");
-            assert_eq!(pool.home_of(range).unwrap(), home);
-            pool.free(hog.addr).unwrap();
-        }
+        let hog = pool
+            .alloc(Layout::from_size_align(pool.node_capacity() as usize - 2 * page, 8).unwrap(), Placement::Node(NodeId(2)), Advice::None)
+            .unwrap();
+        let home = pool.home_of(range).unwrap();
+        let err = pool.migrate(range, PAGES * page, NodeId(2)).unwrap_err();
+        assert!(matches!(err, Error::OutOfMemory { node: NodeId(2), .. }), "{err}");
+        assert!(err.to_string().contains(&format!("{} bytes", PAGES * page)), "{err}");
+        assert_eq!(pool.home_of(range).unwrap(), home);
+        pool.free(hog.addr).unwrap();
         if read_mostly {
             pool.unadvise(range, PAGES * page, Advice::ReadMostly).unwrap();
         }
