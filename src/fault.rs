@@ -202,7 +202,12 @@ unsafe fn map_page(target: &FaultTarget, addr: u64) -> bool {
         libc::mmap(
             page_addr as *mut _,
             1usize << target.page_shift,
-            libc::PROT_READ | libc::PROT_WRITE,
+            if pte.advice() & crate::coherence::bits::READ_MOSTLY != 0 {
+                // Read-mostly pages are read-only in every process.
+                libc::PROT_READ
+            } else {
+                libc::PROT_READ | libc::PROT_WRITE
+            },
             libc::MAP_SHARED | libc::MAP_FIXED,
             fd,
             offset as libc::off_t,

@@ -13,7 +13,8 @@
 //! ...     frame free map, one bit per frame, set = in use
 //! ...     page-table directory, one word per leaf of the node's arena
 //! ...     free extents of the node's arena (start page, page count)
-//! ...     page-table leaves, LEAF_PAGES entries of four words each
+//! ...     replica table: read-mostly pages this node holds copies of
+//! ...     page-table leaves, LEAF_PAGES entries of eight words each
 //! frames  frame_count frames of page_size bytes
 //! ```
 //!
@@ -31,12 +32,26 @@ use crate::transport::Transport;
 /// `MESHMEM` followed by the format version, read as a little-endian word.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"MESHMEM1");
 
-/// Pages covered by one page-table leaf. A leaf is 16 KiB.
+/// Pages covered by one page-table leaf. A leaf is 32 KiB.
 pub const LEAF_PAGES: u64 = 512;
 
 /// Bytes of one page-table entry: the [`Pte`](crate::space::Pte) word, the
-/// allocation record, the preferred location and the accessed-by mask.
-pub const ENTRY_BYTES: u64 = 32;
+/// allocation record, the preferred location, the accessed-by mask, the
+/// data generation, the mask of nodes holding replicas, and two spare words.
+pub const ENTRY_BYTES: u64 = 64;
+
+/// Offsets of the words of a page-table entry.
+pub mod entry {
+    pub const PTE: u64 = 0;
+    pub const AUX: u64 = 8;
+    pub const PREFERRED: u64 = 16;
+    pub const ACCESSED_BY: u64 = 24;
+    /// Bumped by every write through the API to a read-mostly page; a
+    /// replica is current while it matches.
+    pub const GENERATION: u64 = 32;
+    /// Bit `n` set while node `n` may hold a replica of the page.
+    pub const REPLICAS: u64 = 40;
+}
 
 /// Free extents of an arena kept in the segment. Frees that would need more
 /// leave their address range unused, which costs address space, not memory.
@@ -83,6 +98,10 @@ pub mod hdr {
     pub const MAILBOX_PAGES: u64 = 0xa0;
     /// 1 while this node's service thread runs.
     pub const SERVICE_ALIVE: u64 = 0xa8;
+    /// Lock of this node's replica table: 0 when free, else 1 + the holder.
+    pub const REPLICA_LOCK: u64 = 0xb0;
+    /// Frames of this node holding replicas.
+    pub const REPLICA_FRAMES: u64 = 0xb8;
     /// Start of the traffic row.
     pub const TRAFFIC: u64 = 0x100;
 }
@@ -98,6 +117,9 @@ pub struct SegmentLayout {
     pub bitmap: u64,
     pub directory: u64,
     pub extents: u64,
+    pub replicas: u64,
+    /// Slots of the replica table, a power of two.
+    pub replica_slots: u64,
     pub leaves: u64,
     pub frames: u64,
     pub len: u64,
@@ -114,7 +136,9 @@ impl SegmentLayout {
         let directory = align_up(bitmap + frame_count.div_ceil(64) * 8, 64);
         let leaf_count = arena_pages.div_ceil(LEAF_PAGES);
         let extents = align_up(directory + leaf_count * 8, 64);
-        let leaves = align_up(extents + MAX_EXTENTS * 16, 4096);
+        let replicas = align_up(extents + MAX_EXTENTS * 16, 64);
+        let replica_slots = (2 * frame_count).next_power_of_two().max(16);
+        let leaves = align_up(replicas + replica_slots * 16, 4096);
         let frames = align_up(leaves + leaf_count * LEAF_PAGES * ENTRY_BYTES, page_size);
         SegmentLayout {
             nodes,
@@ -124,6 +148,8 @@ impl SegmentLayout {
             bitmap,
             directory,
             extents,
+            replicas,
+            replica_slots,
             leaves,
             frames,
             len: frames + frame_count * page_size,
@@ -280,7 +306,9 @@ impl Words {
     pub fn store(&self, node: NodeId, offset: u64, value: u64) -> Result<()> {
         match self.local(node, offset) {
             Some(word) => {
-                word.store(value, Ordering::Release);
+                // SeqCst: page-table stores pair with the SeqCst checks that
+                // mapping code makes after it maps a page.
+                word.store(value, Ordering::SeqCst);
                 Ok(())
             }
             None => {
@@ -378,7 +406,8 @@ mod tests {
         assert!(layout.bitmap >= hdr::TRAFFIC + 8 * 16);
         assert!(layout.directory >= layout.bitmap + 8 * 8);
         assert!(layout.extents >= layout.directory + 128 * 8);
-        assert!(layout.leaves >= layout.extents + MAX_EXTENTS * 16);
+        assert!(layout.replicas >= layout.extents + MAX_EXTENTS * 16);
+        assert!(layout.leaves >= layout.replicas + layout.replica_slots * 16);
         assert!(layout.frames >= layout.leaves + 128 * LEAF_PAGES * ENTRY_BYTES);
         assert_eq!(layout.frames % (2 << 20), 0);
         assert_eq!(layout.len, layout.frames + 512 * (2 << 20));

@@ -20,6 +20,7 @@ pub mod frames;
 pub mod launch;
 pub mod layout;
 pub mod pool;
+mod replica;
 pub mod space;
 pub mod topology;
 pub mod transport;

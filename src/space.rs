@@ -279,16 +279,22 @@ impl PageTable {
     /// accessed-by mask (bit `n` for node `n`).
     pub fn load_advice(&self, page: u64) -> Result<(u64, u64)> {
         let (node, offset) = self.entry_offset(page)?;
-        Ok((self.words.load(node, offset + 16)?, self.words.load(node, offset + 24)?))
+        Ok((self.words.load(node, offset + crate::layout::entry::PREFERRED)?, self.words.load(node, offset + crate::layout::entry::ACCESSED_BY)?))
     }
 
     /// Stores the node-valued advice of `page`, then its entry with `pte`'s
     /// advice bits.
     pub fn store_advice(&self, page: u64, pte: Pte, preferred: u64, accessed_by: u64) -> Result<()> {
         let (node, offset) = self.entry_offset(page)?;
-        self.words.store(node, offset + 16, preferred)?;
-        self.words.store(node, offset + 24, accessed_by)?;
+        self.words.store(node, offset + crate::layout::entry::PREFERRED, preferred)?;
+        self.words.store(node, offset + crate::layout::entry::ACCESSED_BY, accessed_by)?;
         self.words.store(node, offset, pte.0)
+    }
+
+    /// Returns the node and segment offset of word `word` of `page`'s entry.
+    pub fn entry_word(&self, page: u64, word: u64) -> Result<(NodeId, u64)> {
+        let (node, offset) = self.entry_offset(page)?;
+        Ok((node, offset + word))
     }
 
     /// Stores the entry word alone.
@@ -512,8 +518,9 @@ impl Window {
     }
 
     /// Maps `pages` consecutive pages starting at `page` onto `fd` at
-    /// `offset`, read-write and shared, and records `keys` as mapped.
-    pub fn map_run(&self, page: u64, fd: RawFd, offset: u64, keys: &[u64]) -> Result<()> {
+    /// `offset`, shared, read-write or read-only, and records `keys` as
+    /// mapped.
+    pub fn map_run(&self, page: u64, fd: RawFd, offset: u64, keys: &[u64], writable: bool) -> Result<()> {
         let addr = self.page_addr(page);
         let len = keys.len() as u64 * self.page_size;
         let previous: Vec<u64> = (0..keys.len() as u64).map(|i| self.lock_slot(page + i)).collect();
@@ -525,7 +532,7 @@ impl Window {
             libc::mmap(
                 addr as *mut _,
                 len as usize,
-                libc::PROT_READ | libc::PROT_WRITE,
+                if writable { libc::PROT_READ | libc::PROT_WRITE } else { libc::PROT_READ },
                 libc::MAP_SHARED | libc::MAP_FIXED,
                 fd,
                 offset as libc::off_t,

@@ -99,6 +99,8 @@ fn node_process() {
         "segv" => segv(),
         "quiet" => quiet(),
         "migrate" => migrate(),
+        "replicas" => replicas(),
+        "replica_store" => replica_store(),
         other => panic!("unknown scenario {other}"),
     }
     println!("scenario done");
@@ -377,6 +379,10 @@ fn migrate() {
         0
     };
     let range = GlobalAddr(u64::from_le_bytes(pool.broadcast(NodeId(0), &range.to_le_bytes()).unwrap().try_into().unwrap()));
+    let read_mostly = std::env::var("MESHMEM_TEST_READ_MOSTLY").is_ok();
+    if read_mostly && me.0 == 0 {
+        pool.advise(range, PAGES * page, Advice::ReadMostly).unwrap();
+    }
     let record_size = 16u64; // (value, checksum)
     let record = |writer: u64, i: u64| -> [u64; 2] {
         let value = writer << 48 | i;
@@ -401,6 +407,13 @@ fn migrate() {
                 pool.write_slice(range.add(i * record_size), &record(1, i)).unwrap();
             }
         }
+        2 if read_mostly => {
+            // Read-mostly pages are read-only to raw pointers: odd records
+            // go through the API too.
+            for i in (1..RECORDS as u64).step_by(2) {
+                pool.write_slice(range.add(i * record_size), &record(2, i)).unwrap();
+            }
+        }
         2 => {
             // Odd records through raw pointers; the fault handler maps pages
             // and waits out migrations.
@@ -416,10 +429,19 @@ fn migrate() {
             }
         }
         _ => {
-            // Reads during migration see either zeros or complete records.
+            // Reads during migration (from replicas when read-mostly) see
+            // each aligned word either unwritten or with its final value; a
+            // record read while it is written may mix the two.
             let mut seen = vec![[0u64; 2]; RECORDS];
             for _ in 0..20 {
                 pool.read_slice(range, bytemuck::cast_slice_mut::<[u64; 2], u64>(&mut seen)).unwrap();
+                for (i, r) in seen.iter().enumerate() {
+                    let writer = if i % 2 == 0 { 1 } else { 2 };
+                    let expected = record(writer, i as u64);
+                    for w in 0..2 {
+                        assert!(r[w] == 0 || r[w] == expected[w], "record {i} word {w}: {:#x}", r[w]);
+                    }
+                }
                 std::thread::sleep(Duration::from_millis(1));
             }
         }
@@ -438,14 +460,17 @@ fn migrate() {
         // Bad input: a node outside the mesh, and a node with two free frames.
         let err = pool.migrate(range, page, NodeId(9)).unwrap_err();
         assert!(matches!(err, Error::NodeOutOfRange { node: 9, .. }), "{err}");
-        let hog = pool.alloc(Layout::from_size_align(pool.node_capacity() as usize - 2 * page, 8).unwrap(), Placement::Node(NodeId(2)), Advice::None);
-        if let Ok(hog) = hog {
-            let home = pool.home_of(range).unwrap();
-            let err = pool.migrate(range, PAGES * page, NodeId(2)).unwrap_err();
-            assert!(matches!(err, Error::OutOfMemory { node: NodeId(2), .. }), "{err}");
-            assert!(err.to_string().contains(&format!("{} bytes", PAGES * page)), "{err}");
-            assert_eq!(pool.home_of(range).unwrap(), home);
-            pool.free(hog.addr).unwrap();
+        let hog = pool
+            .alloc(Layout::from_size_align(pool.node_capacity() as usize - 2 * page, 8).unwrap(), Placement::Node(NodeId(2)), Advice::None)
+            .unwrap();
+        let home = pool.home_of(range).unwrap();
+        let err = pool.migrate(range, PAGES * page, NodeId(2)).unwrap_err();
+        assert!(matches!(err, Error::OutOfMemory { node: NodeId(2), .. }), "{err}");
+        assert!(err.to_string().contains(&format!("{} bytes", PAGES * page)), "{err}");
+        assert_eq!(pool.home_of(range).unwrap(), home);
+        pool.free(hog.addr).unwrap();
+        if read_mostly {
+            pool.unadvise(range, PAGES * page, Advice::ReadMostly).unwrap();
         }
         // Preferred location moves the pages and pins them.
         pool.advise(range, PAGES * page, Advice::PreferredLocation(NodeId(3))).unwrap();
@@ -456,6 +481,109 @@ fn migrate() {
         pool.validate().unwrap();
     }
     pool.barrier().unwrap();
+}
+
+/// Read-mostly replication: reads on other nodes create replicas and are
+/// then served locally; a write invalidates them before it returns; a
+/// prefetch replicates ahead; unsetting the advice drops the replicas.
+fn replicas() {
+    let pool = std::sync::Arc::new(Pool::join(Config::from_env().unwrap()).unwrap());
+    let me = pool.node();
+    let page = pool.page_size();
+    const PAGES: usize = 4;
+    let range = if me.0 == 0 {
+        let a = pool.alloc(Layout::from_size_align(PAGES * page, 64).unwrap(), Placement::Node(NodeId(1)), Advice::None).unwrap();
+        pool.write_slice(a.addr, &vec![1u64; PAGES * page / 8]).unwrap();
+        pool.advise(a.addr, PAGES * page, Advice::ReadMostly).unwrap();
+        a.addr.0
+    } else {
+        0
+    };
+    let range = GlobalAddr(u64::from_le_bytes(pool.broadcast(NodeId(0), &range.to_le_bytes()).unwrap().try_into().unwrap()));
+    let words = PAGES * page / 8;
+    let read_all = |expected: u64| {
+        let mut seen = vec![0u64; words];
+        pool.read_slice(range, &mut seen).unwrap();
+        assert!(seen.iter().all(|&w| w == expected), "expected {expected}, saw {:?}", &seen[..4]);
+    };
+    let from_home = |pool: &Pool| pool.stats().unwrap().traffic[pool.node().index()][1];
+
+    // 1. Node 2 reads twice: the first read copies the pages into a
+    //    replica, the second moves no byte from the home.
+    if me.0 == 2 {
+        read_all(1);
+        assert!(pool.replica_nodes(range).unwrap().contains(&NodeId(2)));
+        assert_eq!(pool.stats().unwrap().nodes[2].replica_bytes, (PAGES * page) as u64);
+        let before = from_home(&pool);
+        read_all(1);
+        assert_eq!(from_home(&pool), before, "a current replica still read the home");
+    }
+    pool.barrier().unwrap();
+
+    // 2. Node 3 writes; node 2 must see the new value at once.
+    if me.0 == 3 {
+        pool.write_slice(range, &vec![2u64; words]).unwrap();
+    }
+    pool.barrier().unwrap();
+    if me.0 == 2 {
+        read_all(2);
+    }
+    pool.barrier().unwrap();
+
+    // 3. A prefetch replicates to node 3 ahead of its reads.
+    if me.0 == 0 {
+        let mut prefetch = pool.prefetch(range, PAGES * page, NodeId(3)).unwrap();
+        prefetch.wait().unwrap();
+        let err = prefetch.wait().unwrap_err();
+        assert!(err.to_string().contains("already waited"), "{err}");
+        assert!(pool.replica_nodes(range).unwrap().contains(&NodeId(3)));
+    }
+    pool.barrier().unwrap();
+    if me.0 == 3 {
+        let before = from_home(&pool);
+        read_all(2);
+        assert_eq!(from_home(&pool), before, "the prefetched replica was not used");
+    }
+    pool.barrier().unwrap();
+
+    // 4. Unsetting the advice drops every replica, and raw stores work again.
+    if me.0 == 0 {
+        pool.unadvise(range, PAGES * page, Advice::ReadMostly).unwrap();
+        assert!(pool.replica_nodes(range).unwrap().is_empty());
+        let stats = pool.stats().unwrap();
+        assert!(stats.nodes.iter().all(|n| n.replica_bytes == 0), "{:?}", stats.nodes);
+        let err = pool.unadvise(range, PAGES * page, Advice::ReadMostly).unwrap_err();
+        assert!(err.to_string().contains("nothing to unset"), "{err}");
+    }
+    pool.barrier().unwrap();
+    if me.0 == 2 {
+        let ptr = pool.local_ptr(range, 8).unwrap();
+        // SAFETY: mapped, writable again, and only this node writes now.
+        unsafe { (ptr.as_ptr() as *mut u64).write_volatile(3) };
+    }
+    pool.barrier().unwrap();
+    if me.0 == 0 {
+        let mut first = [0u64];
+        pool.read_slice(range, &mut first).unwrap();
+        assert_eq!(first[0], 3);
+        pool.free(range).unwrap();
+        pool.validate().unwrap();
+    }
+    pool.barrier().unwrap();
+}
+
+/// A store through a raw pointer into a read-mostly page must fault.
+fn replica_store() {
+    let pool = Pool::join(Config::from_env().unwrap()).unwrap();
+    let page = pool.page_size();
+    let a = pool.alloc(Layout::from_size_align(page, 8).unwrap(), Placement::Local, Advice::ReadMostly).unwrap();
+    let ptr = pool.local_ptr(a.addr, 8).unwrap();
+    // SAFETY: mapped read-only; the load is allowed.
+    let value = unsafe { (ptr.as_ptr() as *const u64).read_volatile() };
+    println!("scenario done (read {value})");
+    // SAFETY: deliberately not safe: the store must fault.
+    unsafe { (ptr.as_ptr() as *mut u64).write_volatile(1) };
+    println!("stored");
 }
 
 fn join_fails() {
@@ -624,4 +752,32 @@ fn writes_are_visible_after_quiet_and_flag() {
 fn migration_loses_no_write() {
     let small = |_| vec![("MESHMEM_PAGE_SIZE".into(), "16K".into()), ("MESHMEM_NODE_CAPACITY".into(), "1M".into())];
     assert_all_passed(&run_group("migrate", "2x2x1", small));
+}
+
+#[test]
+fn read_mostly_migration_loses_no_write() {
+    let env = |_| {
+        vec![
+            ("MESHMEM_PAGE_SIZE".into(), "16K".into()),
+            ("MESHMEM_NODE_CAPACITY".into(), "1M".into()),
+            ("MESHMEM_TEST_READ_MOSTLY".into(), "1".into()),
+        ]
+    };
+    assert_all_passed(&run_group("migrate", "2x2x1", env));
+}
+
+#[test]
+fn replicas_serve_reads_and_invalidate() {
+    let small = |_| vec![("MESHMEM_PAGE_SIZE".into(), "16K".into()), ("MESHMEM_NODE_CAPACITY".into(), "1M".into())];
+    assert_all_passed(&run_group("replicas", "2x2x1", small));
+}
+
+#[test]
+fn raw_store_to_read_mostly_page_faults() {
+    let outputs = run_group("replica_store", "1x1x1", |_| vec![]);
+    let out = text(&outputs[0]);
+    assert!(out.contains("scenario done"), "{out}");
+    assert!(!out.contains("stored"), "{out}");
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(outputs[0].status.signal(), Some(libc::SIGSEGV), "{out}");
 }

@@ -501,6 +501,7 @@ impl Heap {
         let mut homes = Vec::with_capacity(pages as usize);
         let mut frames = Vec::with_capacity(pages as usize);
         for i in 0..pages {
+            crate::replica::drop_all(&self.words, &self.layout, &self.table, &self.frames, self.me, self.mesh.len(), page + i)?;
             let pte = self.table.load_pte(page + i)?;
             homes.push(pte.home());
             frames.push(pte.frame());

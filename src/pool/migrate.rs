@@ -305,14 +305,34 @@ impl Pool {
             return rollback(e);
         }
 
-        // 4. Copy each page to its new frame.
+        // 4. Copy each page to its new frame: one copy between the two
+        //    segments where both are mapped here, else through a buffer.
         let page_size = self.layout.page_size as usize;
-        let mut buffer = vec![0u8; page_size];
+        let mut buffer = Vec::new();
         for (&(_, pte), &frame) in moving.iter().zip(frames) {
-            let copied = self
-                .transport
-                .read(pte.home(), self.layout.frame_offset(pte.frame()), &mut buffer)
-                .and_then(|_| self.transport.write(target, self.layout.frame_offset(frame), &buffer));
+            let from = self.layout.frame_offset(pte.frame());
+            let to = self.layout.frame_offset(frame);
+            let views = (self.transport.local_view(pte.home()), self.transport.local_view(target));
+            let copied = match views {
+                (Some(source), Some(destination)) if from + page_size as u64 <= source.len && to + page_size as u64 <= destination.len => {
+                    // SAFETY: both ranges are whole frames inside live
+                    // mappings of two different frames, so they do not
+                    // overlap; no process writes the source (it is
+                    // write-protected and drained) or the destination (it is
+                    // not yet in the page table).
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(source.ptr.add(from as usize), destination.ptr.add(to as usize), page_size)
+                    };
+                    self.transport.count_copy(pte.home(), target, page_size as u64);
+                    Ok(())
+                }
+                _ => {
+                    buffer.resize(page_size, 0);
+                    self.transport
+                        .read(pte.home(), from, &mut buffer)
+                        .and_then(|_| self.transport.write(target, to, &buffer))
+                }
+            };
             if let Err(e) = copied {
                 return rollback(e);
             }
@@ -437,33 +457,67 @@ impl Pool {
         Ok(MigrationLock { words })
     }
 
-    /// Starts moving (or, for read-mostly pages, replicating) `len` bytes at
-    /// `addr` to `target` on a background thread, and returns a handle to
-    /// wait on. The pool must outlive the handle's wait.
-    ///
-    /// NOTE: replication of read-mostly pages is not implemented yet, so a
-    /// prefetch of a read-mostly range to another node does nothing and
-    /// reads keep going to the home.
+    /// Copies the read-mostly pages `first..first + pages` into replicas on
+    /// `target`, skipping pages homed there. Stops quietly when `target`
+    /// runs out of frames: reads then go to the home.
+    fn replicate(&self, first: u64, pages: u64, target: NodeId) -> Result<()> {
+        let replicas = crate::replica::ReplicaTable::new(&self.heap.words, &self.layout, target);
+        for page in first..first + pages {
+            let _guard = enter(&self.heap.words, self.me);
+            let pte = self.heap.table.load_pte(page)?;
+            if pte.home() == target || pte.is_migrating() {
+                continue;
+            }
+            if !replicas.refresh(self.me, &self.heap.table, &self.heap.frames, self.transport.as_ref(), page)? {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts moving `len` bytes at `addr` to `target` on a background
+    /// thread, or, for read-mostly pages, copying them into replicas there,
+    /// and returns a handle to wait on.
     pub fn prefetch(self: &Arc<Self>, addr: crate::GlobalAddr, len: usize, target: NodeId) -> Result<Prefetch> {
         self.mesh.check(target)?;
         self.window.check(addr.0, len as u64)?;
-        let (first, _) = crate::coherence::pages_of(&self.heap, addr.0, len as u64)?;
+        let (first, pages) = crate::coherence::pages_of(&self.heap, addr.0, len as u64)?;
         let read_mostly = crate::coherence::query_page(&self.heap, first)?.read_mostly;
         let pool = Arc::clone(self);
         let handle = std::thread::Builder::new()
             .name(format!("meshmem-prefetch-{}", self.me))
-            .spawn(move || if read_mostly { Ok(()) } else { pool.migrate(addr, len, target) })
+            .spawn(move || if read_mostly { pool.replicate(first, pages, target) } else { pool.migrate(addr, len, target) })
             .map_err(|e| Error::os("starting a prefetch worker", e))?;
         Ok(Prefetch { handle: Some(handle), addr: addr.0 })
     }
 
-    /// Keeps `advice` consistent with homes: a preferred location moves the
-    /// pages there.
+    /// Carries out advice just set: a preferred location moves the pages
+    /// there; read-mostly pages become read-only in every process.
     pub(crate) fn apply_advice(&self, addr: crate::GlobalAddr, len: usize, advice: Advice) -> Result<()> {
-        if let Advice::PreferredLocation(node) = advice {
-            self.migrate(addr, len, node)?;
+        match advice {
+            Advice::PreferredLocation(node) => self.migrate(addr, len, node),
+            Advice::ReadMostly => {
+                let (first, pages) = crate::coherence::pages_of(&self.heap, addr.0, len as u64)?;
+                let _lock = self.lock_migrations()?;
+                self.request_all(Request::Protect, first, pages)
+            }
+            _ => Ok(()),
         }
-        Ok(())
+    }
+
+    /// Carries out advice just unset: read-mostly pages lose their replicas
+    /// (once no read that may use one is in flight) and become writable.
+    pub(crate) fn withdraw_advice(&self, addr: crate::GlobalAddr, len: usize, advice: Advice) -> Result<()> {
+        if advice != Advice::ReadMostly {
+            return Ok(());
+        }
+        let (first, pages) = crate::coherence::pages_of(&self.heap, addr.0, len as u64)?;
+        let _lock = self.lock_migrations()?;
+        self.drain_operations()?;
+        for page in first..first + pages {
+            crate::replica::drop_all(&self.heap.words, &self.layout, &self.heap.table, &self.heap.frames, self.me, self.size(), page)?;
+        }
+        self.request_all(Request::Refresh, first, pages)
     }
 }
 

@@ -74,6 +74,21 @@ impl<T> GlobalSlice<T> {
     }
 }
 
+/// One page's part of a range, as `for_each_piece` hands it out.
+struct Piece {
+    pte: Pte,
+    page: u64,
+    in_page_offset: u64,
+    /// Offset of the piece in the home node's segment.
+    offset: u64,
+}
+
+impl Piece {
+    fn is_read_mostly(&self) -> bool {
+        self.pte.advice() & crate::coherence::bits::READ_MOSTLY != 0
+    }
+}
+
 /// One node's capacity, use and traffic.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NodeStats {
@@ -91,6 +106,9 @@ pub struct NodeStats {
     pub hop_bytes: u64,
     /// Address space given up because its arena's extent list was full.
     pub leaked_pages: u64,
+    /// Bytes of this node's frames that hold replicas of read-mostly pages
+    /// homed elsewhere; part of `used_bytes`.
+    pub replica_bytes: u64,
 }
 
 /// Statistics of the whole group, read from every node's segment header.
@@ -338,7 +356,7 @@ impl Pool {
         &self,
         addr: GlobalAddr,
         len: usize,
-        mut op: impl FnMut(NodeId, u64, std::ops::Range<usize>) -> Result<()>,
+        mut op: impl FnMut(Piece, std::ops::Range<usize>) -> Result<()>,
     ) -> Result<()> {
         self.window.check(addr.0, len as u64)?;
         let page_size = self.layout.page_size;
@@ -361,8 +379,9 @@ impl Pool {
                     reason: format!("at {at:#x}: its page is not allocated"),
                 });
             }
-            let offset = self.layout.frame_offset(pte.frame()) + (at - self.window.page_addr(page));
-            op(pte.home(), offset, done..done + in_page)?;
+            let in_page_offset = at - self.window.page_addr(page);
+            let piece = Piece { pte, page, in_page_offset, offset: self.layout.frame_offset(pte.frame()) + in_page_offset };
+            op(piece, done..done + in_page)?;
             drop(guard);
             done += in_page;
         }
@@ -370,14 +389,67 @@ impl Pool {
     }
 
     /// Copies `dst.len()` bytes from pool memory at `addr` (a one-sided get).
+    /// A read-mostly page is read from this node's replica when it holds a
+    /// current one, which the read creates or refreshes when it can.
     pub fn read(&self, addr: GlobalAddr, dst: &mut [u8]) -> Result<()> {
         let len = dst.len();
-        self.for_each_piece(addr, len, |home, offset, range| self.transport.read(home, offset, &mut dst[range]))
+        self.for_each_piece(addr, len, |piece, range| {
+            if piece.is_read_mostly() && piece.pte.home() != self.me && self.read_replica(&piece, &mut dst[range.clone()])? {
+                return Ok(());
+            }
+            self.transport.read(piece.pte.home(), piece.offset, &mut dst[range])
+        })
     }
 
-    /// Copies `src` into pool memory at `addr` (a one-sided put).
+    /// Copies `src` into pool memory at `addr` (a one-sided put). A write to
+    /// a read-mostly page invalidates every replica of it before returning.
     pub fn write(&self, addr: GlobalAddr, src: &[u8]) -> Result<()> {
-        self.for_each_piece(addr, src.len(), |home, offset, range| self.transport.write(home, offset, &src[range]))
+        self.for_each_piece(addr, src.len(), |piece, range| {
+            self.transport.write(piece.pte.home(), piece.offset, &src[range])?;
+            if piece.is_read_mostly() {
+                self.invalidate_replicas(piece.page)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Serves a read of part of a read-mostly page from this node's replica;
+    /// returns false when the caller must read the home instead.
+    fn read_replica(&self, piece: &Piece, dst: &mut [u8]) -> Result<bool> {
+        let words = &self.heap.words;
+        let replicas = crate::replica::ReplicaTable::new(words, &self.layout, self.me);
+        let (owner, generation) = self.heap.table.entry_word(piece.page, crate::layout::entry::GENERATION)?;
+        for attempt in 0..2 {
+            let current = words.load_seqcst(owner, generation)? & 0xffff_ffff;
+            match replicas.lookup(piece.page)? {
+                Some((frame, recorded)) if recorded == current => {
+                    let at = self.layout.frame_offset(frame) + piece.in_page_offset;
+                    self.transport.read(self.me, at, dst)?;
+                    // The copy counts only if no write and no drop of the
+                    // replica happened while it ran.
+                    let unchanged = words.load_seqcst(owner, generation)? & 0xffff_ffff == current
+                        && replicas.lookup(piece.page)? == Some((frame, recorded));
+                    if unchanged {
+                        return Ok(true);
+                    }
+                }
+                _ if attempt == 0 => {
+                    let frames = &self.heap.frames;
+                    if !replicas.refresh(self.me, &self.heap.table, frames, self.transport.as_ref(), piece.page)? {
+                        return Ok(false);
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(false)
+    }
+
+    /// Bumps the data generation of a read-mostly page, which makes every
+    /// replica of it stale.
+    fn invalidate_replicas(&self, page: u64) -> Result<()> {
+        let (owner, generation) = self.heap.table.entry_word(page, crate::layout::entry::GENERATION)?;
+        self.heap.words.fetch_add(owner, generation, 1).map(|_| ())
     }
 
     /// Reads `dst.len()` values of `T` from `addr`.
@@ -405,8 +477,12 @@ impl Pool {
                 migrate::wait_while_migrating(self, page)?;
                 continue;
             }
-            let (home, offset, _) = self.translate(addr.0)?;
-            return op(home, offset);
+            let (home, offset, pte) = self.translate(addr.0)?;
+            let outcome = op(home, offset)?;
+            if pte.advice() & crate::coherence::bits::READ_MOSTLY != 0 {
+                self.invalidate_replicas(page)?;
+            }
+            return Ok(outcome);
         }
     }
 
@@ -516,6 +592,7 @@ impl Pool {
                 let next = self.heap.table.load_pte(page + keys.len() as u64)?;
                 let consecutive = next.is_valid()
                     && !next.is_migrating()
+                    && next.advice() & crate::coherence::bits::READ_MOSTLY == pte.advice() & crate::coherence::bits::READ_MOSTLY
                     && next.home() == pte.home()
                     && next.frame() as u64 == pte.frame() as u64 + keys.len() as u64;
                 if !consecutive || self.window.is_mapped(page + keys.len() as u64, next.mapping_key()) {
@@ -528,7 +605,10 @@ impl Pool {
                 reason: "its segment cannot be mapped into this process".into(),
                 source: None,
             })?;
-            self.window.map_run(page, fd, self.layout.frame_offset(pte.frame()), &keys)?;
+            // Read-mostly pages are mapped read-only, so that a store through
+            // a raw pointer faults rather than bypass replica invalidation.
+            let writable = pte.advice() & crate::coherence::bits::READ_MOSTLY == 0;
+            self.window.map_run(page, fd, self.layout.frame_offset(pte.frame()), &keys, writable)?;
             // Check the entries again. A migration that marked a page after
             // the loads above may have missed this mapping when it
             // write-protected the page, so protect it here (the slot locks
@@ -539,7 +619,8 @@ impl Pool {
             for (i, &key) in keys.iter().enumerate() {
                 let p = page + i as u64;
                 let now = self.heap.table.load_pte_seqcst(p)?;
-                if now.is_migrating() {
+                let read_mostly = now.advice() & crate::coherence::bits::READ_MOSTLY != 0;
+                if now.is_migrating() || (read_mostly && writable) {
                     self.window.protect_run(p, 1);
                 } else if now.mapping_key() != key {
                     self.window.unmap_run(p, 1);
@@ -564,11 +645,24 @@ impl Pool {
         self.apply_advice(addr, len, advice)
     }
 
+    /// Returns the nodes that may hold a replica of the page that contains
+    /// `addr` (a replica made stale by a write stays listed until it is
+    /// refreshed or dropped).
+    pub fn replica_nodes(&self, addr: GlobalAddr) -> Result<Vec<NodeId>> {
+        self.window.check(addr.0, 1)?;
+        let page = self.window.page_of(addr.0);
+        let (owner, word) = self.heap.table.entry_word(page, crate::layout::entry::REPLICAS)?;
+        let mask = self.heap.words.load(owner, word)?;
+        Ok(self.mesh.nodes().filter(|n| n.0 < 64 && mask & (1u64 << n.0) != 0).collect())
+    }
+
     /// Unsets `advice` on the pages of `len` bytes at `addr`; fails and
-    /// changes nothing when any of them does not have it set.
+    /// changes nothing when any of them does not have it set. Unsetting
+    /// `ReadMostly` drops every replica of the pages.
     pub fn unadvise(&self, addr: GlobalAddr, len: usize, advice: Advice) -> Result<()> {
         self.window.check(addr.0, len as u64)?;
-        crate::coherence::change(&self.heap, addr.0, len as u64, advice, crate::coherence::Change::Unset)
+        crate::coherence::change(&self.heap, addr.0, len as u64, advice, crate::coherence::Change::Unset)?;
+        self.withdraw_advice(addr, len, advice)
     }
 
     /// Returns the advice in force on the page that contains `addr`.
@@ -676,6 +770,7 @@ impl Pool {
                 bytes_remote: row.iter().sum::<u64>() - row[src.index()],
                 hop_bytes,
                 leaked_pages: words.load(src, hdr::LEAKED_PAGES)?,
+                replica_bytes: words.load(src, hdr::REPLICA_FRAMES)? * self.layout.page_size,
             });
         }
         Ok(Stats { nodes, traffic, operations, hop_bytes: total_hop_bytes, transport: self.transport.kind() })

@@ -87,6 +87,12 @@ pub trait Transport: Send + Sync {
     /// `node`'s segment mapped into this process, if this backend can.
     fn local_view(&self, node: NodeId) -> Option<LocalView>;
 
+    /// Counts a copy of `bytes` bytes that this node made directly between
+    /// the local views of `from` and `to`, as a read and a write.
+    fn count_copy(&self, from: NodeId, to: NodeId, bytes: u64) {
+        let _ = (from, to, bytes);
+    }
+
     /// A descriptor of `node`'s segment that this process may `mmap` onto
     /// the window, if this backend has one.
     fn mappable_fd(&self, node: NodeId) -> Option<std::os::fd::RawFd> {

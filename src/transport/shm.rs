@@ -206,6 +206,13 @@ impl Transport for ShmTransport {
         self.segments.get(node.index()).map(|s| LocalView { ptr: s.ptr, len: s.len })
     }
 
+    fn count_copy(&self, from: NodeId, to: NodeId, bytes: u64) {
+        if from.index() < self.segments.len() && to.index() < self.segments.len() {
+            self.count(from, bytes);
+            self.count(to, bytes);
+        }
+    }
+
     fn mappable_fd(&self, node: NodeId) -> Option<std::os::fd::RawFd> {
         self.segments.get(node.index()).map(|s| s.fd.as_raw_fd())
     }
