@@ -340,7 +340,7 @@ impl ExpertSource for PoolExperts<'_> {
 
 /// Background replication of the experts a node routes to, for the next
 /// step. The routing of the step that runs is the prediction of the next
-/// one's: from the first token a node routes to an expert in a step, the
+/// one's: from the first token a node routes to an expert in a run, the
 /// expert is copied to the node by a [`Prefetch`] while the node goes on
 /// computing, and [`Prefetcher::finish`] waits for the copies before the
 /// next step starts. Every expert is read-mostly in this mode, so a
@@ -349,19 +349,14 @@ struct Prefetcher {
     /// Per expert: whether a prefetch was started in this run, or whether
     /// the expert is homed here and needs none.
     requested: Vec<bool>,
-    in_flight: Vec<(usize, Prefetch)>,
-    replicas: ReplicaCounts,
+    in_flight: Vec<Prefetch>,
+    started: u64,
     waited: Duration,
 }
 
 impl Prefetcher {
     fn new(local_experts: &[bool]) -> Self {
-        Prefetcher {
-            requested: local_experts.to_vec(),
-            in_flight: Vec::new(),
-            replicas: ReplicaCounts::default(),
-            waited: Duration::ZERO,
-        }
+        Prefetcher { requested: local_experts.to_vec(), in_flight: Vec::new(), started: 0, waited: Duration::ZERO }
     }
 
     /// Starts copying `expert` to this node unless it was requested before.
@@ -369,47 +364,19 @@ impl Prefetcher {
         if std::mem::replace(&mut self.requested[expert], true) {
             return Ok(());
         }
-        match pool.prefetch(addr, len, pool.node()) {
-            Ok(handle) => self.in_flight.push((expert, handle)),
-            Err(e) => self.replicas.failed(e)?,
-        }
+        self.in_flight.push(pool.prefetch(addr, len, pool.node())?);
+        self.started += 1;
         Ok(())
     }
 
     /// Waits for every copy started in this step.
     fn finish(&mut self) -> meshmem::Result<()> {
         let started = Instant::now();
-        for (_, mut handle) in self.in_flight.drain(..) {
-            match handle.wait() {
-                Ok(()) => self.replicas.made += 1,
-                Err(e) => self.replicas.failed(e)?,
-            }
+        for mut handle in self.in_flight.drain(..) {
+            handle.wait()?;
         }
         self.waited += started.elapsed();
         Ok(())
-    }
-}
-
-/// Replicas a node asked for in one run of the layer.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-struct ReplicaCounts {
-    made: u64,
-    /// Replicas not made because this node had no free frame for them;
-    /// reads of those experts keep going to the home.
-    skipped: u64,
-}
-
-impl ReplicaCounts {
-    /// Counts a replica that failed for want of frames, and passes any
-    /// other error on.
-    fn failed(&mut self, e: meshmem::Error) -> meshmem::Result<()> {
-        match e {
-            meshmem::Error::OutOfMemory { .. } => {
-                self.skipped += 1;
-                Ok(())
-            }
-            e => Err(e),
-        }
     }
 }
 
@@ -421,8 +388,9 @@ enum Mode {
     Plain,
     /// After each step but the last, the experts whose load over the whole
     /// batch exceeds this factor times the mean are made read-mostly and
-    /// replicated to each node that routed at least an even share of their
-    /// tokens; the replicas are made before the next step starts.
+    /// prefetched to each node that routed at least an even share of their
+    /// tokens, before the next step starts. The pool also replicates a
+    /// read-mostly page on any other node's first read of it.
     ReplicateHot(f64),
     /// Every expert is read-mostly, and each node replicates the experts it
     /// routes to in the background while it computes ([`Prefetcher`]).
@@ -464,6 +432,17 @@ struct LayerRun<'a> {
     local_experts: Vec<bool>,
 }
 
+/// Replicas of experts over all nodes, as node 0 counts them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Replicas {
+    /// Pairs of an expert and a node holding a replica of its first page.
+    experts: u64,
+    /// Bytes of frames holding replicas at the end of the run.
+    bytes: u64,
+    /// Bytes of frames still holding replicas after the advice was unset.
+    left: u64,
+}
+
 /// One node's result of one run of the layer.
 struct ModeRun {
     hidden_states: Vec<Vec<f32>>,
@@ -471,8 +450,8 @@ struct ModeRun {
     timings: Timings,
     /// Node 0 only: the pool traffic of the run, by source and home node.
     traffic: Option<Vec<Vec<u64>>>,
-    /// Node 0 only: bytes of replicas on all nodes at the end of the run.
-    replica_bytes: Option<u64>,
+    /// Node 0 only: the replicas at the end of the run.
+    replicas: Option<Replicas>,
     /// Wall time of the prefill and the decode steps on this node,
     /// barriers and replication included.
     wall: Duration,
@@ -554,7 +533,7 @@ impl LayerRun<'_> {
         for step in 0..workload.steps {
             let started = Instant::now();
             if let Mode::ReplicateHot(factor) = mode {
-                self.replicate_hot(step, factor, &counts.steps[step], &mut advised, &mut counts.replicas)?;
+                counts.prefetches += self.replicate_hot(step, factor, &counts.steps[step], &mut advised)?;
             }
             let computing = Instant::now();
             let before = routing.clone();
@@ -583,24 +562,33 @@ impl LayerRun<'_> {
         let wall = timings.prefill + timings.steps.iter().sum::<Duration>();
         counts.busy = busy;
         if let Some(prefetch) = &experts.prefetch {
-            counts.replicas = prefetch.replicas;
+            counts.prefetches = prefetch.started;
             counts.prefetch_wait = prefetch.waited;
         }
 
         // Step 3.
-        let (mut traffic, mut replica_bytes) = (None, None);
+        let mut replicas = None;
+        let mut traffic = None;
         if let Some(before) = traffic_before {
             let stats = pool.stats().context(|| "reading the traffic counters failed".into())?;
             traffic = Some(difference(&stats.traffic, &before));
-            // TODO: sum `NodeStats::replica_bytes` over the nodes once the
-            // pool reports it; until then replicas are not counted.
-            replica_bytes = Some(0);
+            let mut copies = 0;
+            for (e, &addr) in self.addrs.experts.iter().enumerate() {
+                copies += pool
+                    .replica_nodes(addr)
+                    .context(|| format!("listing the replicas of expert {e} at {addr} failed"))?
+                    .len() as u64;
+            }
+            let bytes = stats.nodes.iter().map(|n| n.replica_bytes).sum();
             for e in (0..cfg.experts).filter(|&e| advised[e]) {
                 self.set_read_mostly(e, false)?;
             }
+            let left = pool.stats().context(|| "reading the replica counters failed".into())?;
+            let left = left.nodes.iter().map(|n| n.replica_bytes).sum();
+            replicas = Some(Replicas { experts: copies, bytes, left });
         }
         pool.barrier().context(|| format!("waiting for the replicas of the {} run to be dropped failed", mode.label()))?;
-        Ok(ModeRun { hidden_states, counts, timings, traffic, replica_bytes, wall })
+        Ok(ModeRun { hidden_states, counts, timings, traffic, replicas, wall })
     }
 
     /// Ends `step` on this node: adds its tokens per expert, `routed`, to
@@ -630,23 +618,16 @@ impl LayerRun<'_> {
     /// which every node finished adding to before the step's barrier, so
     /// every node picks the same experts. Node 0 marks them read-mostly;
     /// after a barrier, each node that routed at least an even share of an
-    /// expert's tokens in the step (`mine`) replicates it to itself and
-    /// waits for the copy.
-    fn replicate_hot(
-        &self,
-        step: usize,
-        factor: f64,
-        mine: &Routing,
-        advised: &mut [bool],
-        replicas: &mut ReplicaCounts,
-    ) -> Result<()> {
+    /// expert's tokens in the step (`mine`) prefetches it to itself and
+    /// waits for the copy. Returns the number of prefetches.
+    fn replicate_hot(&self, step: usize, factor: f64, mine: &Routing, advised: &mut [bool]) -> Result<u64> {
         let (pool, experts) = (self.pool, self.cfg.experts);
         let mut load = vec![0u64; experts];
         pool.read_slice(self.addrs.load_addr(step, 0, experts), &mut load)
             .context(|| format!("reading the expert load counters of step {step} failed"))?;
         let hot: Vec<usize> = balance::hot_experts(&load, factor).into_iter().filter(|&e| !advised[e]).collect();
         if hot.is_empty() {
-            return Ok(());
+            return Ok(0);
         }
         if pool.node() == NodeId(0) {
             for &e in &hot {
@@ -654,19 +635,19 @@ impl LayerRun<'_> {
             }
         }
         pool.barrier().context(|| format!("waiting for node 0 to mark the hot experts of step {step} failed"))?;
+        let mut prefetches = 0;
         for e in hot {
             advised[e] = true;
             if self.local_experts[e] || !balance::is_heavy_user(mine.tokens[e], load[e], pool.size()) {
                 continue;
             }
             let addr = self.addrs.experts[e];
-            let copied = pool.prefetch(addr, self.cfg.expert_bytes() as usize, pool.node()).and_then(|mut p| p.wait());
-            match copied {
-                Ok(()) => replicas.made += 1,
-                Err(error) => replicas.failed(error).context(|| format!("replicating expert {e} at {addr} to this node failed"))?,
-            }
+            pool.prefetch(addr, self.cfg.expert_bytes() as usize, pool.node())
+                .and_then(|mut p| p.wait())
+                .context(|| format!("replicating expert {e} at {addr} to this node failed"))?;
+            prefetches += 1;
         }
-        Ok(())
+        Ok(prefetches)
     }
 
     /// Sets or unsets the read-mostly advice on every page of expert `e`.
@@ -700,13 +681,14 @@ struct NodeCounts {
     busy: Duration,
     /// Time spent waiting for prefetches before the next step.
     prefetch_wait: Duration,
-    replicas: ReplicaCounts,
+    /// Prefetches of an expert to this node.
+    prefetches: u64,
     /// This node's routing in the prefill (index 0) and each decode step.
     steps: Vec<Routing>,
 }
 
 /// Words of [`NodeCounts`] before the per-step routing.
-const COUNT_WORDS: usize = 6;
+const COUNT_WORDS: usize = 5;
 
 impl NodeCounts {
     /// Zero counts for `steps` steps, the prefill included.
@@ -732,8 +714,7 @@ impl NodeCounts {
             self.written_prompt_tokens,
             self.busy.as_nanos() as u64,
             self.prefetch_wait.as_nanos() as u64,
-            self.replicas.made,
-            self.replicas.skipped,
+            self.prefetches,
         ];
         for step in &self.steps {
             words.extend(&step.tokens);
@@ -763,7 +744,7 @@ impl NodeCounts {
             written_prompt_tokens: words[1],
             busy: Duration::from_nanos(words[2]),
             prefetch_wait: Duration::from_nanos(words[3]),
-            replicas: ReplicaCounts { made: words[4], skipped: words[5] },
+            prefetches: words[4],
             steps,
         })
     }
@@ -998,6 +979,11 @@ fn run_joined(pool: &Arc<Pool>, setup: &Setup<'_>) -> Result<bool> {
             comparison.equal() && same_load
         };
         equal &= mode_equal;
+        let left = run.replicas.map_or(0, |r| r.left);
+        if left > 0 {
+            println!("{}: {} of replicas remain after the read-mostly advice was unset", mode.label(), format_bytes(left));
+            equal = false;
+        }
         rows.push(mode_row(pool, mode, &run, &counts, mode_equal)?);
     }
     if me == root && modes.len() > 1 {
@@ -1132,6 +1118,7 @@ fn format_loss(loss: Option<f64>) -> String {
 /// and every node's counts.
 fn mode_row(pool: &Pool, mode: Mode, run: &ModeRun, counts: &[NodeCounts], equal: bool) -> Result<ModeRow> {
     let traffic = run.traffic.clone().unwrap_or_default();
+    let replicas = run.replicas.unwrap_or_default();
     let summary = TrafficSummary::from_matrix(&pool.mesh(), &traffic).map_err(NodeError::Invalid)?;
     let estimate = pool
         .mesh()
@@ -1141,9 +1128,9 @@ fn mode_row(pool: &Pool, mode: Mode, run: &ModeRun, counts: &[NodeCounts], equal
         label: mode.label(),
         remote_bytes: summary.remote_bytes,
         estimate,
-        replicas: counts.iter().map(|c| c.replicas.made).sum(),
-        replicas_skipped: counts.iter().map(|c| c.replicas.skipped).sum(),
-        replica_bytes: run.replica_bytes.unwrap_or(0),
+        prefetches: counts.iter().map(|c| c.prefetches).sum(),
+        replicas: replicas.experts,
+        replica_bytes: replicas.bytes,
         prefetch_wait: counts.iter().map(|c| c.prefetch_wait).sum(),
         wall: run.wall,
         equal,

@@ -254,11 +254,12 @@ pub struct ModeRow {
     pub remote_bytes: u64,
     /// The run's traffic routed over the mesh model's links.
     pub estimate: TrafficEstimate,
-    /// Replicas made, over all nodes.
+    /// Prefetches of an expert to a node, over all nodes.
+    pub prefetches: u64,
+    /// Pairs of an expert and a node holding a replica of it at the end of
+    /// the run, made by prefetches or by reads.
     pub replicas: u64,
-    /// Replicas not made because the node had no free frame.
-    pub replicas_skipped: u64,
-    /// Bytes of replicas on all nodes at the end of the run.
+    /// Bytes of frames holding replicas at the end of the run.
     pub replica_bytes: u64,
     /// Time the nodes spent waiting for background prefetches, summed.
     pub prefetch_wait: Duration,
@@ -278,8 +279,8 @@ pub fn print_modes(model: LinkModel, steps: usize, rows: &[ModeRow]) {
         model.hop_latency * 1e9
     );
     println!(
-        "{:<20} {:>11} {:>11} {:>10} {:>21} {:>8} {:>14} {:>11}  equal",
-        "mode", "remote", "hop-bytes", "est. time", "busiest link", "replicas", "replica memory", "wall"
+        "{:<18} {:>11} {:>11} {:>10} {:>20} {:>10} {:>8} {:>14} {:>12}  equal",
+        "mode", "remote", "hop-bytes", "est. time", "busiest link", "prefetches", "replicas", "replica memory", "wall"
     );
     for row in rows {
         let busiest = match row.estimate.busiest {
@@ -287,20 +288,18 @@ pub fn print_modes(model: LinkModel, steps: usize, rows: &[ModeRow]) {
             None => "-".into(),
         };
         println!(
-            "{:<20} {:>11} {:>11} {:>10} {:>21} {:>8} {:>14} {:>11}  {}",
+            "{:<18} {:>11} {:>11} {:>10} {:>20} {:>10} {:>8} {:>14} {:>12}  {}",
             row.label,
             format_bytes(row.remote_bytes),
             format_bytes(row.estimate.hop_bytes),
             format_seconds(row.estimate.seconds),
             busiest,
+            row.prefetches,
             row.replicas,
             format_bytes(row.replica_bytes),
             format_duration(row.wall),
             row.equal
         );
-    }
-    for row in rows.iter().filter(|r| r.replicas_skipped > 0) {
-        println!("{}: {} replicas not made because their node had no free frame", row.label, row.replicas_skipped);
     }
     for row in rows.iter().filter(|r| !r.prefetch_wait.is_zero()) {
         println!(
