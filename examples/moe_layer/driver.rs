@@ -432,6 +432,18 @@ struct LayerRun<'a> {
     local_experts: Vec<bool>,
 }
 
+/// What one run of the layer carries from step to step on a node.
+struct StepState<'a> {
+    kv: PoolKv<'a>,
+    experts: PoolExperts<'a>,
+    routing: Routing,
+    /// Per sequence this node owns, the output rows so far.
+    hidden_states: Vec<Vec<f32>>,
+    counts: NodeCounts,
+    /// Per expert: whether it is read-mostly in this run.
+    advised: Vec<bool>,
+}
+
 /// Replicas of experts over all nodes, as node 0 counts them.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 struct Replicas {
@@ -473,7 +485,7 @@ impl LayerRun<'_> {
         let (pool, cfg, workload, plan) = (self.pool, self.cfg, self.workload, self.plan);
         let me = pool.node();
         let root = NodeId(0);
-        let mut advised = vec![mode == Mode::Prefetch; cfg.experts];
+        let advised = vec![mode == Mode::Prefetch; cfg.experts];
 
         // Step 1.
         let mut traffic_before = None;
@@ -492,22 +504,16 @@ impl LayerRun<'_> {
         let mut kv = PoolKv { pool, blocks: self.block_addrs, kv_dim: cfg.kv_dim() };
         let buffer = ExpertWeights::from_data(cfg, vec![0.0; ExpertWeights::len(cfg)])
             .ok_or_else(|| NodeError::Invalid("an expert buffer of the configured length was rejected".into()))?;
-        let mut experts = PoolExperts {
+        let experts = PoolExperts {
             pool,
             addrs: &self.addrs.experts,
             expert_bytes: cfg.expert_bytes() as usize,
             buffer,
             prefetch: (mode == Mode::Prefetch).then(|| Prefetcher::new(&self.local_experts)),
         };
-        let mut hidden_states = vec![Vec::new(); workload.sequences.len()];
-        let mut routing = Routing::new(cfg.experts);
         let mut counts = NodeCounts::new(cfg.experts, workload.steps + 1);
         let mut timings = Timings::default();
         let mut busy = Duration::ZERO;
-        let step_failed = |s: usize, phase: &str, e| NodeError::Pool {
-            context: format!("{phase} of sequence {s} failed"),
-            source: step_error(e),
-        };
 
         let started = Instant::now();
         for &s in self.mine {
@@ -518,47 +524,21 @@ impl LayerRun<'_> {
         busy += started.elapsed();
         pool.barrier().context(|| "waiting for the prompt keys and values failed".into())?;
         let computing = Instant::now();
-        for &s in self.mine {
-            let (last, computed) =
-                sequence::prefill(layer, plan, s, &workload.sequences[s], &mut kv, &mut experts, &mut routing)
-                    .map_err(|e| step_failed(s, "prefill", e))?;
-            hidden_states[s] = last;
-            counts.computed_tokens += computed as u64;
-        }
-        self.end_step(0, &routing, &mut counts, &mut experts)?;
+        let hidden_states = vec![Vec::new(); workload.sequences.len()];
+        let mut state = StepState { kv, experts, routing: Routing::new(cfg.experts), hidden_states, counts, advised };
+        self.step(0, mode, &mut state)?;
         busy += computing.elapsed();
         pool.barrier().context(|| "waiting for the prefill failed".into())?;
         timings.prefill = started.elapsed();
 
         for step in 0..workload.steps {
             let started = Instant::now();
-            if let Mode::ReplicateHot(factor) = mode {
-                counts.prefetches += self.replicate_hot(step, factor, &counts.steps[step], &mut advised)?;
-            }
-            let computing = Instant::now();
-            let before = routing.clone();
-            for &s in self.mine {
-                let states = &mut hidden_states[s];
-                let previous = states[states.len() - cfg.hidden..].to_vec();
-                let position = workload.sequences[s].prompt_tokens + step;
-                let row = sequence::decode(
-                    layer,
-                    &plan.sequences[s],
-                    position,
-                    &previous,
-                    &mut kv,
-                    &mut experts,
-                    &mut routing,
-                )
-                .map_err(|e| step_failed(s, "decode", e))?;
-                states.extend_from_slice(&row);
-                counts.computed_tokens += 1;
-            }
-            self.end_step(step + 1, &routing.since(&before), &mut counts, &mut experts)?;
-            busy += computing.elapsed();
+            self.step(step + 1, mode, &mut state)?;
+            busy += started.elapsed();
             pool.barrier().context(|| format!("waiting for decode step {step} failed"))?;
             timings.steps.push(started.elapsed());
         }
+        let StepState { experts, hidden_states, mut counts, advised, .. } = state;
         let wall = timings.prefill + timings.steps.iter().sum::<Duration>();
         counts.busy = busy;
         if let Some(prefetch) = &experts.prefetch {
@@ -591,37 +571,79 @@ impl LayerRun<'_> {
         Ok(ModeRun { hidden_states, counts, timings, traffic, replicas, wall })
     }
 
-    /// Ends `step` on this node: adds its tokens per expert, `routed`, to
-    /// the step's load counters, and waits for its prefetches.
-    fn end_step(
-        &self,
-        step: usize,
-        routed: &Routing,
-        counts: &mut NodeCounts,
-        experts: &mut PoolExperts<'_>,
-    ) -> Result<()> {
-        let experts_n = self.cfg.experts;
-        for (e, &tokens) in routed.tokens.iter().enumerate().filter(|(_, &t)| t > 0) {
+    /// Runs `step` (0 for the prefill, `k + 1` for decode step `k`) for
+    /// this node's sequences, in two passes as an MoE layer dispatches:
+    ///
+    /// 1. Attention and the router for every token. The tokens per expert
+    ///    go to the step's load counters in pool memory.
+    /// 2. In the replicate-hot mode, the hot experts of the step are
+    ///    replicated ([`LayerRun::replicate_hot`]).
+    /// 3. The experts of every token, in the order of the first pass. In the
+    ///    prefetch mode the node then waits for its prefetches.
+    fn step(&self, step: usize, mode: Mode, state: &mut StepState<'_>) -> Result<()> {
+        let (cfg, workload, plan) = (self.cfg, self.workload, self.plan);
+        let layer = Layer { cfg, dense: self.dense, seed: workload.seed, scale: workload.scale };
+        let failed = |s: usize, e: meshmem::Error| NodeError::Pool {
+            context: format!("{} of sequence {s} failed", if step == 0 { "prefill" } else { "decode" }),
+            source: e,
+        };
+
+        // 1.
+        let before = state.routing.clone();
+        let mut routed = Vec::with_capacity(self.mine.len());
+        for &s in self.mine {
+            let seq = &workload.sequences[s];
+            let tokens = match step {
+                0 => sequence::prefill_route(layer, plan, s, seq, &mut state.kv, &mut state.routing),
+                _ => {
+                    let states = &state.hidden_states[s];
+                    let previous = &states[states.len() - cfg.hidden..];
+                    let position = seq.prompt_tokens + step - 1;
+                    sequence::decode_route(layer, &plan.sequences[s], position, previous, &mut state.kv, &mut state.routing)
+                        .map(|token| vec![token])
+                }
+            }
+            .map_err(|e| failed(s, e))?;
+            state.counts.computed_tokens += tokens.len() as u64;
+            routed.push((s, tokens));
+        }
+        let mine = state.routing.since(&before);
+        for (e, &tokens) in mine.tokens.iter().enumerate().filter(|(_, &t)| t > 0) {
             self.pool
-                .fetch_add_u64(self.addrs.load_addr(step, e, experts_n), tokens)
+                .fetch_add_u64(self.addrs.load_addr(step, e, cfg.experts), tokens)
                 .context(|| format!("adding {tokens} tokens to the load counter of expert {e} in step {step} failed"))?;
         }
-        counts.steps[step] = routed.clone();
-        if let Some(prefetch) = &mut experts.prefetch {
+
+        // 2.
+        if let Mode::ReplicateHot(factor) = mode {
+            state.counts.prefetches += self.replicate_hot(step, factor, &mine, &mut state.advised)?;
+        }
+        state.counts.steps[step] = mine;
+
+        // 3.
+        for (s, tokens) in routed {
+            let output = sequence::run_experts(tokens, &mut state.experts).map_err(|e| failed(s, e))?;
+            match step {
+                0 => state.hidden_states[s] = output,
+                _ => state.hidden_states[s].extend_from_slice(&output),
+            }
+        }
+        if let Some(prefetch) = &mut state.experts.prefetch {
             prefetch.finish().context(|| format!("waiting for the experts prefetched in step {step} failed"))?;
         }
         Ok(())
     }
 
-    /// Replicates the experts that were hot in `step` and are not yet
-    /// read-mostly. Every node reads the step's load from the counters,
-    /// which every node finished adding to before the step's barrier, so
-    /// every node picks the same experts. Node 0 marks them read-mostly;
-    /// after a barrier, each node that routed at least an even share of an
-    /// expert's tokens in the step (`mine`) prefetches it to itself and
-    /// waits for the copy. Returns the number of prefetches.
+    /// Replicates the experts that are hot in `step` and not yet
+    /// read-mostly. After a barrier, every node has added its tokens to the
+    /// step's load counters, so every node reads the same load and picks
+    /// the same experts. Node 0 marks them read-mostly. After a second
+    /// barrier, each node that routed at least an even share of an expert's
+    /// tokens (`mine`) prefetches it to itself and waits for the copy.
+    /// Returns the number of prefetches.
     fn replicate_hot(&self, step: usize, factor: f64, mine: &Routing, advised: &mut [bool]) -> Result<u64> {
         let (pool, experts) = (self.pool, self.cfg.experts);
+        pool.barrier().context(|| format!("waiting for the load counters of step {step} failed"))?;
         let mut load = vec![0u64; experts];
         pool.read_slice(self.addrs.load_addr(step, 0, experts), &mut load)
             .context(|| format!("reading the expert load counters of step {step} failed"))?;
@@ -859,6 +881,20 @@ fn run_joined(pool: &Arc<Pool>, setup: &Setup<'_>) -> Result<bool> {
     }
     pool.barrier().context(|| "waiting for the output rows failed".into())?;
 
+    // The default capacity has room for a replica of every expert. It is
+    // held while the KV blocks are placed, so that they spill as in a run
+    // without replication, and freed before the runs that replicate.
+    let modes = Mode::requested(args);
+    let mut replica_room = None;
+    if modes.len() > 1 && args.node_capacity.is_none() {
+        let page = pool.page_size() as u64;
+        let bytes = cfg.experts as u64 * whole_pages(cfg.expert_bytes(), page) * page;
+        let room = pool.alloc_slice::<u8>(bytes as usize, Placement::Node(me)).context(|| {
+            format!("holding {} for replicas on node {me} failed; raise --node-capacity", format_bytes(bytes))
+        })?;
+        replica_room = Some(room.addr());
+    }
+
     let near_me = Placement::Nearest(pool.coord());
     let mut my_blocks: Vec<u64> = Vec::new();
     for turn in pool.mesh().nodes() {
@@ -873,6 +909,9 @@ fn run_joined(pool: &Arc<Pool>, setup: &Setup<'_>) -> Result<bool> {
             }
         }
         pool.barrier().context(|| format!("waiting for node {turn} to allocate its KV blocks failed"))?;
+    }
+    if let Some(addr) = replica_room {
+        pool.free(addr).context(|| format!("freeing the room held for replicas at {addr} failed"))?;
     }
     let gathered = pool.all_gather(&le_bytes(&my_blocks)).context(|| "exchanging KV block addresses failed".into())?;
     let block_addrs = decode_pairs(&gathered, plan.blocks(), "KV block")?;
@@ -893,7 +932,6 @@ fn run_joined(pool: &Arc<Pool>, setup: &Setup<'_>) -> Result<bool> {
     };
 
     // Phases 3 and 4, once per mode: prefill and decode.
-    let modes = Mode::requested(args);
     if modes.len() > 1 && is_slab_sized(cfg.expert_bytes(), std::mem::align_of::<f32>(), pool.page_size() as u64) {
         return Err(NodeError::Invalid(format!(
             "an expert of {} is a small block inside a shared page, but replication advice applies to whole \
@@ -1135,14 +1173,6 @@ fn mode_row(pool: &Pool, mode: Mode, run: &ModeRun, counts: &[NodeCounts], equal
         wall: run.wall,
         equal,
     })
-}
-
-/// Turns a failed step into the pool error behind it; both the KV store and
-/// the expert source fail only with pool errors.
-fn step_error(e: sequence::StepError<meshmem::Error, meshmem::Error>) -> meshmem::Error {
-    match e {
-        sequence::StepError::Kv(e) | sequence::StepError::Expert(e) => e,
-    }
 }
 
 /// Reads the reference counts from pool memory, checks them against the

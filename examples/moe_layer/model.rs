@@ -472,20 +472,22 @@ impl Routing {
     }
 }
 
-/// Computes the layer's output for a token with input row `x` at position
-/// `tokens - 1`, attending over the first `tokens` rows of `ctx`, whose
-/// last row must be this token's own key and value. Adds one to
-/// `routing.tokens[e]` for each expert `e` the token is routed to, and
-/// every expert's gate probability to `routing.gate_sums`.
-pub fn forward<S: ExpertSource>(
-    cfg: &ModelConfig,
-    w: &DenseWeights,
-    experts: &mut S,
-    ctx: &Context,
-    tokens: usize,
-    x: &[f32],
-    routing: &mut Routing,
-) -> Result<Vec<f32>, S::Error> {
+/// A token between the router and its experts: the hidden row after
+/// attention, the normalised row the experts read, and the chosen experts
+/// with their weights, largest first.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Routed {
+    pub h: Vec<f32>,
+    pub hn: Vec<f32>,
+    /// `(expert, weight)`, the weights renormalised to sum to 1.
+    pub experts: Vec<(usize, f32)>,
+}
+
+/// Runs attention and the router for a token with input row `x` at
+/// position `tokens - 1`, attending over the first `tokens` rows of `ctx`,
+/// whose last row must be this token's own key and value. Adds one to `routing.tokens[e]` for each expert `e` the token is routed
+/// to, and every expert's gate probability to `routing.gate_sums`.
+pub fn route(cfg: &ModelConfig, w: &DenseWeights, ctx: &Context, tokens: usize, x: &[f32], routing: &mut Routing) -> Routed {
     let xn = rms_norm(x, &w.attn_norm, cfg.norm_eps);
     let mut q = vec![0.0; cfg.q_dim()];
     matvec(&w.wq, &xn, &mut q);
@@ -503,12 +505,19 @@ pub fn forward<S: ExpertSource>(
     }
     let chosen = top_k(&probs, cfg.top_k);
     let chosen_sum = chosen.iter().fold(0.0f32, |sum, &e| sum + probs[e]);
-
-    // Experts are added in rank order, largest weight first.
-    let mut out = h;
     for &e in &chosen {
         routing.tokens[e] += 1;
-        let weight = probs[e] / chosen_sum;
+    }
+    let experts = chosen.iter().map(|&e| (e, probs[e] / chosen_sum)).collect();
+    Routed { h, hn, experts }
+}
+
+/// Adds the weighted outputs of a routed token's experts to its hidden
+/// row, in rank order, and returns the layer's output for the token.
+/// [`route`] and then this function run the whole layer for a token.
+pub fn apply_experts<S: ExpertSource>(routed: Routed, experts: &mut S) -> Result<Vec<f32>, S::Error> {
+    let Routed { h: mut out, hn, experts: chosen } = routed;
+    for (e, weight) in chosen {
         let y = experts.expert(e)?.forward(&hn);
         for (o, y) in out.iter_mut().zip(&y) {
             *o += weight * y;
@@ -582,7 +591,7 @@ mod tests {
     }
 
     #[test]
-    fn forward_counts_top_k_experts() {
+    fn route_counts_top_k_experts() {
         let cfg = ModelConfig::from_preset(Preset::Tiny);
         let w = Weights::generate(&cfg, 3);
         let x = token_embedding(3, 0, 0, cfg.hidden);
@@ -590,7 +599,9 @@ mod tests {
         let ctx = Context { keys: k, values: v };
         let mut routing = Routing::new(cfg.experts);
         let mut experts = w.experts.as_slice();
-        let out = forward(&cfg, &w.dense, &mut experts, &ctx, 1, &x, &mut routing).unwrap();
+        let routed = route(&cfg, &w.dense, &ctx, 1, &x, &mut routing);
+        assert_eq!(routed.experts.len(), cfg.top_k);
+        let out = apply_experts(routed, &mut experts).unwrap();
         assert_eq!(out.len(), cfg.hidden);
         assert!(out.iter().all(|v| v.is_finite()));
         assert_eq!(routing.tokens.iter().sum::<u64>(), cfg.top_k as u64);

@@ -13,13 +13,18 @@
 //!    Every writer must have finished phase 1 first.
 //! 3. [`decode`] appends one token and runs the layer for it, once per step.
 //!
+//! Phases 2 and 3 also come split in two, the router ([`prefill_route`],
+//! [`decode_route`]) and the experts ([`run_experts`]), so that a caller can
+//! route every token of a step before any expert runs, as an MoE layer
+//! dispatches its tokens. The split gives the same bits.
+//!
 //! Tokens of reused blocks are not run through the layer again, as with
 //! prefix caching in serving engines: their keys and values are already in
 //! the cache, and their outputs would be the writer's outputs.
 
 use std::fmt;
 
-use crate::model::{self, Context, DenseWeights, ExpertSource, ModelConfig, Routing};
+use crate::model::{self, Context, DenseWeights, ExpertSource, ModelConfig, Routed, Routing};
 use crate::prefix::{BlockId, SequenceBlocks, SharingPlan, KV_BLOCK_TOKENS};
 use crate::trace::{Scale, Sequence};
 
@@ -214,7 +219,7 @@ pub fn gather<K: KvStore>(
 /// Phase 2: runs the layer for the prompt tokens of the blocks sequence
 /// `index` writes and for its last prompt token, whose output it returns.
 /// Adds the routed tokens to `routing` and returns the number of
-/// tokens run as the second value.
+/// tokens run as the second value: [`prefill_route`], then [`run_experts`].
 #[allow(clippy::too_many_arguments)]
 pub fn prefill<K: KvStore, X: ExpertSource>(
     layer: Layer<'_>,
@@ -225,11 +230,26 @@ pub fn prefill<K: KvStore, X: ExpertSource>(
     experts: &mut X,
     routing: &mut Routing,
 ) -> Result<(Vec<f32>, usize), StepError<K::Error, X::Error>> {
+    let routed = prefill_route(layer, plan, index, seq, kv, routing).map_err(StepError::Kv)?;
+    let computed = routed.len();
+    let output = run_experts(routed, experts).map_err(StepError::Expert)?;
+    Ok((output, computed))
+}
+
+/// Runs attention and the router for the tokens that [`prefill`] runs,
+/// and returns them in position order, ready for their experts.
+pub fn prefill_route<K: KvStore>(
+    layer: Layer<'_>,
+    plan: &SharingPlan,
+    index: usize,
+    seq: &Sequence,
+    kv: &mut K,
+    routing: &mut Routing,
+) -> Result<Vec<Routed>, K::Error> {
     let blocks = &plan.sequences[index];
-    let ctx = gather(layer.cfg, blocks, seq.prompt_tokens, kv).map_err(StepError::Kv)?;
+    let ctx = gather(layer.cfg, blocks, seq.prompt_tokens, kv)?;
     let last = seq.prompt_tokens - 1;
-    let mut output = Vec::new();
-    let mut computed = 0;
+    let mut routed = Vec::new();
 
     for position in 0..seq.prompt_tokens {
         let (block, _) = blocks.locate(position);
@@ -237,23 +257,24 @@ pub fn prefill<K: KvStore, X: ExpertSource>(
             continue;
         }
         let x = layer.prompt_input(seq, position);
-        output = model::forward(
-            layer.cfg,
-            layer.dense,
-            experts,
-            &ctx,
-            position + 1,
-            &x,
-            routing,
-        )
-        .map_err(StepError::Expert)?;
-        computed += 1;
+        routed.push(model::route(layer.cfg, layer.dense, &ctx, position + 1, &x, routing));
     }
-    Ok((output, computed))
+    Ok(routed)
+}
+
+/// Runs the experts of routed tokens in order and returns the output of
+/// the last one; empty when there is none.
+pub fn run_experts<X: ExpertSource>(routed: Vec<Routed>, experts: &mut X) -> Result<Vec<f32>, X::Error> {
+    let mut output = Vec::new();
+    for token in routed {
+        output = model::apply_experts(token, experts)?;
+    }
+    Ok(output)
 }
 
 /// Phase 3: appends the token that follows `previous` (the sequence's last
-/// output) at `position`, and returns the layer's output for it.
+/// output) at `position`, and returns the layer's output for it:
+/// [`decode_route`], then its experts.
 pub fn decode<K: KvStore, X: ExpertSource>(
     layer: Layer<'_>,
     blocks: &SequenceBlocks,
@@ -263,12 +284,25 @@ pub fn decode<K: KvStore, X: ExpertSource>(
     experts: &mut X,
     routing: &mut Routing,
 ) -> Result<Vec<f32>, StepError<K::Error, X::Error>> {
+    let routed = decode_route(layer, blocks, position, previous, kv, routing).map_err(StepError::Kv)?;
+    model::apply_experts(routed, experts).map_err(StepError::Expert)
+}
+
+/// Writes the key and value of the token that follows `previous` at
+/// `position`, and runs attention and the router for it.
+pub fn decode_route<K: KvStore>(
+    layer: Layer<'_>,
+    blocks: &SequenceBlocks,
+    position: usize,
+    previous: &[f32],
+    kv: &mut K,
+    routing: &mut Routing,
+) -> Result<Routed, K::Error> {
     let x = model::next_input(previous);
     let (key, value) = model::key_value(layer.cfg, layer.dense, &x);
     let (block, slot) = blocks.locate(position);
-    kv.write_token(block, slot, &key, &value).map_err(StepError::Kv)?;
+    kv.write_token(block, slot, &key, &value)?;
 
-    let ctx = gather(layer.cfg, blocks, position + 1, kv).map_err(StepError::Kv)?;
-    model::forward(layer.cfg, layer.dense, experts, &ctx, position + 1, &x, routing)
-        .map_err(StepError::Expert)
+    let ctx = gather(layer.cfg, blocks, position + 1, kv)?;
+    Ok(model::route(layer.cfg, layer.dense, &ctx, position + 1, &x, routing))
 }
