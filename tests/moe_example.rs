@@ -93,6 +93,43 @@ fn distributed_run_equals_reference() {
 }
 
 #[test]
+fn replication_modes_equal_reference() {
+    let args = ["--batch", "3", "--steps", "2", "--scale", "256", "--replicate-hot", "1.5", "--prefetch"];
+    let (status, out, err) = run_example(&args);
+    assert!(status.success(), "the example failed with {status}:\n{out}\n{err}");
+    assert!(out.contains("load counters agree with the nodes' own counts and the reference's routing: true"), "{out}");
+
+    // One row per mode, in order; the last field is the equality with the
+    // reference, the sixth from the end the replicas of experts.
+    let labels = ["no replication ", "replicate-hot 1.5 ", "prefetch "];
+    let table = out.lines().skip_while(|l| !l.starts_with("modes compared")).collect::<Vec<_>>();
+    assert!(table.len() > 1 + labels.len(), "the comparison table is missing:\n{out}");
+    assert!(table[1].starts_with("mode "), "{}", table[1]);
+    for (row, label) in table[2..2 + labels.len()].iter().zip(labels) {
+        assert!(row.starts_with(label), "expected the row of `{label}`, found: {row}");
+        let fields: Vec<&str> = row.split_whitespace().collect();
+        assert_eq!(fields.last(), Some(&"true"), "{row}");
+        let replicas: u64 = fields[fields.len() - 6].parse().expect("a replica count");
+        match label {
+            "no replication " => assert_eq!(replicas, 0, "{row}"),
+            "prefetch " => assert!(replicas > 0, "{row}"),
+            _ => {}
+        }
+    }
+    assert!(out.contains("equal in every mode: true"), "{out}");
+    assert!(out.contains("after freeing everything: every node's used frames are its slab pages"), "{out}");
+}
+
+#[test]
+fn bad_replicate_hot_is_rejected() {
+    for value in ["0", "-1", "NaN"] {
+        let (status, out, err) = run_example(&["--replicate-hot", value]);
+        assert_eq!(status.code(), Some(2), "expected exit status 2 for {value}:\n{out}\n{err}");
+        assert!(err.contains(&format!("{value} is not a finite factor above 0")), "{err}");
+    }
+}
+
+#[test]
 fn too_small_capacity_names_the_failed_node() {
     let (status, out, err) = run_example(&["--batch", "2", "--steps", "1", "--node-capacity", "64K"]);
     assert_eq!(status.code(), Some(1), "expected exit status 1:\n{out}\n{err}");
