@@ -67,16 +67,17 @@ pub struct Args {
     #[arg(long, value_parser = parse_scale)]
     pub scale: Option<Scale>,
 
-    /// Runs the layer again with hot experts replicated: after each step,
-    /// the experts whose load over the whole batch exceeds F times the mean
-    /// are made read-mostly and replicated to the nodes that route at least
-    /// an even share of their tokens. F is a number above 0, such as 1.5.
+    /// Runs the layer again with hot experts replicated. In each step, after
+    /// routing, the experts whose load over the whole batch exceeds F times
+    /// the mean are made read-mostly. Each node that routed at least an even
+    /// share of their tokens replicates them. F is a number above 0, such
+    /// as 1.5.
     #[arg(long, value_name = "F", allow_negative_numbers = true, value_parser = parse_hot_factor)]
     pub replicate_hot: Option<f64>,
 
-    /// Runs the layer again with every expert read-mostly, each node
-    /// replicating the experts it routes to in one step in the background
-    /// while it computes, for the next step.
+    /// Runs the layer again with every expert read-mostly. Each node
+    /// replicates the experts it routes to in the background while it
+    /// computes, and waits for the copies before the next step.
     #[arg(long)]
     pub prefetch: bool,
 }

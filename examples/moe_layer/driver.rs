@@ -5,8 +5,9 @@
 //!
 //! 1. Join the pool. Node 0 generates the weights, allocates each dense
 //!    tensor and each expert with `--placement`, writes them, and allocates
-//!    one reference count per KV block. It broadcasts the addresses, and
-//!    every node reads the dense weights into its own memory.
+//!    one reference count per KV block and one load counter per expert and
+//!    step. It broadcasts the addresses, and every node reads the dense
+//!    weights into its own memory.
 //! 2. Sequences are owned round-robin. Each node allocates an output row
 //!    buffer per sequence it owns on itself, then, taking turns by node id,
 //!    the KV blocks its sequences write with `Placement::Nearest(own
@@ -15,10 +16,14 @@
 //!    all-gathered, and every user of a block adds 1 to its count with a
 //!    `fetch_add` on node 0's memory.
 //! 3. Prefill: each node writes its prompt keys and values, waits at a
-//!    barrier for the writers of shared blocks, then runs its tokens.
+//!    barrier for the writers of shared blocks, then runs its tokens. Each
+//!    step routes all of a node's tokens and adds them to the step's load
+//!    counters before any expert runs.
 //! 4. Decode: one step per `--steps`, a barrier after each for the timing.
 //! 5. Each node writes its final hidden states to pool memory; node 0 reads
 //!    them, computes the reference itself and compares bit for bit.
+//!    Phases 3 to 5 run once more for each mode that `--replicate-hot` and
+//!    `--prefetch` add ([`Mode`]), and node 0 prints a table of the modes.
 //! 6. Report, then release. Each user subtracts 1 from every block's
 //!    count, and the node that drops a count to 0 frees the block. Node 0
 //!    frees the weights and checks that only slab pages stay in use.
@@ -339,12 +344,12 @@ impl ExpertSource for PoolExperts<'_> {
 }
 
 /// Background replication of the experts a node routes to, for the next
-/// step. The routing of the step that runs is the prediction of the next
-/// one's: from the first token a node routes to an expert in a run, the
-/// expert is copied to the node by a [`Prefetch`] while the node goes on
-/// computing, and [`Prefetcher::finish`] waits for the copies before the
-/// next step starts. Every expert is read-mostly in this mode, so a
-/// prefetch makes a replica and leaves the home where it is.
+/// step, whose routing is predicted to be the current one's. From the
+/// first token a node routes to an expert in a run, a [`Prefetch`] copies
+/// the expert to the node while the node goes on computing.
+/// [`Prefetcher::finish`] waits for the copies before the next step
+/// starts. Every expert is read-mostly in this mode, so a prefetch makes a
+/// replica and leaves the home where it is.
 struct Prefetcher {
     /// Per expert: whether a prefetch was started in this run, or whether
     /// the expert is homed here and needs none.
@@ -380,17 +385,17 @@ impl Prefetcher {
     }
 }
 
-/// How a run of the layer reaches expert weights that are homed on other
-/// nodes.
+/// The way a run of the layer reaches expert weights that are homed on
+/// other nodes.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Mode {
     /// Every read goes to the expert's home.
     Plain,
-    /// After each step but the last, the experts whose load over the whole
-    /// batch exceeds this factor times the mean are made read-mostly and
-    /// prefetched to each node that routed at least an even share of their
-    /// tokens, before the next step starts. The pool also replicates a
-    /// read-mostly page on any other node's first read of it.
+    /// In each step, after routing, the experts whose load over the whole
+    /// batch exceeds this factor times the mean are made read-mostly. Each
+    /// node that routed at least an even share of their tokens prefetches
+    /// them before any expert runs. The pool also replicates a read-mostly
+    /// page on the first read by any other node.
     ReplicateHot(f64),
     /// Every expert is read-mostly, and each node replicates the experts it
     /// routes to in the background while it computes ([`Prefetcher`]).
@@ -398,7 +403,7 @@ enum Mode {
 }
 
 impl Mode {
-    /// The plain run, then the modes the options ask for.
+    /// Returns the plain run, then the modes the options request.
     fn requested(args: &Args) -> Vec<Mode> {
         let mut modes = vec![Mode::Plain];
         modes.extend(args.replicate_hot.map(Mode::ReplicateHot));
@@ -417,7 +422,7 @@ impl Mode {
     }
 }
 
-/// What every run of the layer needs, the same in every mode.
+/// Inputs that every run of the layer shares, the same in every mode.
 struct LayerRun<'a> {
     pool: &'a Arc<Pool>,
     cfg: &'a ModelConfig,
@@ -432,7 +437,7 @@ struct LayerRun<'a> {
     local_experts: Vec<bool>,
 }
 
-/// What one run of the layer carries from step to step on a node.
+/// State that one run of the layer carries from step to step on a node.
 struct StepState<'a> {
     kv: PoolKv<'a>,
     experts: PoolExperts<'a>,
@@ -475,10 +480,9 @@ impl LayerRun<'_> {
     ///
     /// 1. Node 0 zeroes the load counters, sets the mode's advice and
     ///    reads the traffic counters.
-    /// 2. Prefill, then each decode step. After each, every node adds its
-    ///    tokens per expert to the step's load counters, waits for its
-    ///    prefetches, and meets the others at a barrier; in the
-    ///    replicate-hot mode the nodes then replicate the hot experts.
+    /// 2. Every node writes its prompt keys and values, then runs the
+    ///    prefill and each decode step ([`LayerRun::step`]), with a barrier
+    ///    after each.
     /// 3. Node 0 reads the traffic and replica counters, then unsets the
     ///    read-mostly advice, which drops every replica.
     fn run(&self, mode: Mode) -> Result<ModeRun> {
@@ -1006,7 +1010,7 @@ fn run_joined(pool: &Arc<Pool>, setup: &Setup<'_>) -> Result<bool> {
             first_loads = Some(loads);
             comparison.equal() && routing_matches
         } else {
-            let expected = expected.as_ref().ok_or_else(|| NodeError::Invalid("the reference ran in no mode".into()))?;
+            let expected = expected.as_ref().ok_or_else(|| NodeError::Invalid("the reference output of the first run is missing".into()))?;
             let comparison = reference::compare(expected, &distributed);
             print_mismatch(&format!("{}: ", mode.label()), &comparison);
             // Routing does not depend on where the weights are read from.

@@ -441,8 +441,8 @@ pub fn attention(cfg: &ModelConfig, q: &[f32], ctx: &Context, tokens: usize) -> 
     out
 }
 
-/// What the router did over some tokens: how many were routed to each
-/// expert, and each expert's gate probability summed over all of them.
+/// Counts of the router's choices over some tokens: the tokens routed to
+/// each expert, and each expert's gate probability summed over them all.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Routing {
     /// Tokens routed to each expert; each token counts once for each of
