@@ -14,6 +14,9 @@
 
 pub mod rendezvous;
 pub mod shm;
+#[cfg(feature = "tcp")]
+pub mod tcp;
+pub mod wire;
 
 use std::fmt;
 
@@ -26,12 +29,15 @@ use crate::topology::NodeId;
 pub enum TransportKind {
     /// Shared memory between processes of one host.
     Shm,
+    /// One-sided operations emulated over TCP between hosts.
+    Tcp,
 }
 
 impl fmt::Display for TransportKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             TransportKind::Shm => f.write_str("shm"),
+            TransportKind::Tcp => f.write_str("tcp"),
         }
     }
 }
