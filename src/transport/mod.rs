@@ -12,6 +12,8 @@
 //! node, offset, length and segment size. They count every operation by
 //! destination in the sender's segment header, where `Pool::stats` reads it.
 
+#[cfg(feature = "rdma")]
+pub mod rdma;
 pub mod rendezvous;
 pub mod shm;
 #[cfg(feature = "tcp")]
@@ -31,6 +33,8 @@ pub enum TransportKind {
     Shm,
     /// One-sided operations emulated over TCP between hosts.
     Tcp,
+    /// ibverbs RC queue pairs between hosts with RDMA devices.
+    Rdma,
 }
 
 impl fmt::Display for TransportKind {
@@ -38,6 +42,7 @@ impl fmt::Display for TransportKind {
         match self {
             TransportKind::Shm => f.write_str("shm"),
             TransportKind::Tcp => f.write_str("tcp"),
+            TransportKind::Rdma => f.write_str("rdma"),
         }
     }
 }
