@@ -15,6 +15,7 @@
 #[cfg(feature = "rdma")]
 pub mod rdma;
 pub mod rendezvous;
+pub mod select;
 pub mod shm;
 #[cfg(feature = "tcp")]
 pub mod tcp;
