@@ -12,6 +12,8 @@
 //! node, offset, length and segment size. They count every operation by
 //! destination in the sender's segment header, where `Pool::stats` reads it.
 
+#[cfg(feature = "tcp")]
+pub mod hosts;
 #[cfg(feature = "rdma")]
 pub mod rdma;
 pub mod rendezvous;

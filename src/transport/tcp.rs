@@ -155,12 +155,12 @@ impl Secret {
         mac
     }
 
-    fn tag(&self, label: &[u8], client: u16, server: u16, cn: &[u8], sn: &[u8]) -> [u8; NONCE_LEN] {
+    pub(crate) fn tag(&self, label: &[u8], client: u16, server: u16, cn: &[u8], sn: &[u8]) -> [u8; NONCE_LEN] {
         self.mac(label, client, server, cn, sn).finalize().into_bytes().into()
     }
 
     /// Checks `tag` in constant time (`verify_slice` compares with `subtle`).
-    fn verify(&self, label: &[u8], client: u16, server: u16, cn: &[u8], sn: &[u8], tag: &[u8]) -> bool {
+    pub(crate) fn verify(&self, label: &[u8], client: u16, server: u16, cn: &[u8], sn: &[u8], tag: &[u8]) -> bool {
         self.mac(label, client, server, cn, sn).verify_slice(tag).is_ok()
     }
 }
