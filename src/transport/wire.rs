@@ -41,9 +41,9 @@ pub const VERSION: u8 = 1;
 pub const HEADER_LEN: usize = 16;
 
 /// Largest payload of one `Read`, `Write` or `Data` frame. Larger transfers
-/// are split by the client. 4 MiB keeps a frame well under the default
-/// socket buffers' auto-tuned maximum while making the per-frame cost
-/// negligible for bulk copies.
+/// are split by the client. 4 MiB stays under Linux's default maximum
+/// receive buffer (6 MiB, the third value of `tcp_rmem`) while making the
+/// per-frame cost small for bulk copies.
 pub const MAX_PAYLOAD: u32 = 4 << 20;
 
 /// Largest body of any frame: a `Write` of `MAX_PAYLOAD` bytes and its
