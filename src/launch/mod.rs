@@ -33,6 +33,7 @@
 //! when it is stopped any other way, they are stopped with their node.
 
 mod exit;
+pub mod netns;
 mod output;
 mod signals;
 
