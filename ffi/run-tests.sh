@@ -4,7 +4,8 @@
 #   2. the C program, on four node processes under the launcher;
 #   3. the pytest suite, which builds and uses the example C++ extension.
 # Exits non-zero on the first failure. Uses the virtual environment at
-# $MESHMEM_VENV (default <repo>/.venv), creating it with
+# $MESHMEM_VENV (default ~/.cache/meshmem/venv, shared by every clone),
+# creating it with
 # ffi/python/setup-venv.sh when it is missing (set MESHMEM_SKIP_VENV=1 to use
 # the python3 on PATH instead).
 set -euo pipefail
@@ -30,7 +31,7 @@ target/debug/meshmem run --mesh 2x2x1 --env MESHMEM_PAGE_SIZE=64K --env MESHMEM_
 if [ "${MESHMEM_SKIP_VENV:-}" = 1 ]; then
     python=python3
 else
-    venv="${MESHMEM_VENV:-$repo/.venv}"
+    venv="${MESHMEM_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/meshmem/venv}"
     step "preparing $venv"
     MESHMEM_VENV="$venv" bash ffi/python/setup-venv.sh
     python="$venv/bin/python"

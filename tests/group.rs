@@ -457,6 +457,11 @@ fn migrate() {
     }
     pool.barrier().unwrap();
     if me.0 == 0 {
+        // Replicas take frames; drop them before filling a node.
+        if read_mostly {
+            pool.unadvise(range, PAGES * page, Advice::ReadMostly).unwrap();
+            assert!(pool.stats().unwrap().nodes.iter().all(|n| n.replica_bytes == 0));
+        }
         // Bad input: a node outside the mesh, and a node with two free frames.
         let err = pool.migrate(range, page, NodeId(9)).unwrap_err();
         assert!(matches!(err, Error::NodeOutOfRange { node: 9, .. }), "{err}");
@@ -469,9 +474,6 @@ fn migrate() {
         assert!(err.to_string().contains(&format!("{} bytes", PAGES * page)), "{err}");
         assert_eq!(pool.home_of(range).unwrap(), home);
         pool.free(hog.addr).unwrap();
-        if read_mostly {
-            pool.unadvise(range, PAGES * page, Advice::ReadMostly).unwrap();
-        }
         // Preferred location moves the pages and pins them.
         pool.advise(range, PAGES * page, Advice::PreferredLocation(NodeId(3))).unwrap();
         assert_eq!(pool.home_of(range).unwrap(), NodeId(3));

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create (or reuse) the virtual environment at <repo>/.venv with what the
+# Create (or reuse) the virtual environment at $MESHMEM_VENV (default
+# ~/.cache/meshmem/venv, shared by every clone) with what the
 # Python tests of the C ABI need: numpy, pytest, torch and setuptools (for
 # building the example PyTorch extension).
 #
@@ -9,7 +10,8 @@
 set -euo pipefail
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-venv="${MESHMEM_VENV:-$repo_root/.venv}"
+venv="${MESHMEM_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/meshmem/venv}"
+mkdir -p "$(dirname "$venv")"
 python="${PYTHON:-python3}"
 
 if [ ! -x "$venv/bin/python" ]; then

@@ -33,6 +33,7 @@
 //! when it is stopped any other way, they are stopped with their node.
 
 mod exit;
+pub mod netns;
 mod output;
 mod signals;
 
@@ -186,13 +187,14 @@ impl LaunchReport {
         match self.failed_node() {
             None if self.success() => format!("{nodes} nodes of mesh {mesh} exited 0 in {seconds:.2} s"),
             None => format!("{nodes} nodes of mesh {mesh} did not all exit 0; the run took {seconds:.2} s"),
-            Some(failed) => format!(
-                "node {} {} {}; stopped the other {} nodes of mesh {mesh} after {seconds:.2} s",
-                failed.node,
-                failed.coord,
-                failed.exit,
-                nodes.saturating_sub(1)
-            ),
+            Some(failed) => {
+                let others = nodes.saturating_sub(1);
+                let noun = if others == 1 { "node" } else { "nodes" };
+                format!(
+                    "node {} {} {}; stopped the other {others} {noun} of mesh {mesh} after {seconds:.2} s",
+                    failed.node, failed.coord, failed.exit,
+                )
+            }
         }
     }
 }

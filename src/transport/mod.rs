@@ -12,8 +12,16 @@
 //! node, offset, length and segment size. They count every operation by
 //! destination in the sender's segment header, where `Pool::stats` reads it.
 
+#[cfg(feature = "tcp")]
+pub mod hosts;
+#[cfg(feature = "rdma")]
+pub mod rdma;
 pub mod rendezvous;
+pub mod select;
 pub mod shm;
+#[cfg(feature = "tcp")]
+pub mod tcp;
+pub mod wire;
 
 use std::fmt;
 
@@ -26,12 +34,18 @@ use crate::topology::NodeId;
 pub enum TransportKind {
     /// Shared memory between processes of one host.
     Shm,
+    /// One-sided operations emulated over TCP between hosts.
+    Tcp,
+    /// ibverbs RC queue pairs between hosts with RDMA devices.
+    Rdma,
 }
 
 impl fmt::Display for TransportKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             TransportKind::Shm => f.write_str("shm"),
+            TransportKind::Tcp => f.write_str("tcp"),
+            TransportKind::Rdma => f.write_str("rdma"),
         }
     }
 }
