@@ -31,9 +31,29 @@ impl Drop for Reaped {
 /// stderr.
 fn run_example(args: &[&str]) -> (std::process::ExitStatus, String, String) {
     let manifest = concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml");
-    let child = Command::new(env!("CARGO"))
-        .args(["run", "--quiet", "--manifest-path", manifest, "--example", "moe_layer", "--"])
-        .args(args)
+    let mut command = Command::new(env!("CARGO"));
+    command.args(["run", "--quiet", "--manifest-path", manifest, "--example", "moe_layer", "--"]).args(args);
+    run(command)
+}
+
+/// Runs the example's binary under the `meshmem` launcher with
+/// `launcher_args`, then `args` for the example.
+fn run_under_launcher(launcher_args: &[&str], args: &[&str]) -> (std::process::ExitStatus, String, String) {
+    let manifest = concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml");
+    let built = Command::new(env!("CARGO"))
+        .args(["build", "--quiet", "--manifest-path", manifest, "--example", "moe_layer"])
+        .status()
+        .expect("cargo starts");
+    assert!(built.success(), "building the example failed");
+    let launcher = std::path::Path::new(env!("CARGO_BIN_EXE_meshmem"));
+    let example = launcher.parent().expect("the launcher sits in a target folder").join("examples").join("moe_layer");
+    let mut command = Command::new(launcher);
+    command.arg("run").args(launcher_args).arg("--").arg(example).args(args);
+    run(command)
+}
+
+fn run(mut command: Command) -> (std::process::ExitStatus, String, String) {
+    let child = command
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -135,4 +155,19 @@ fn too_small_capacity_names_the_failed_node() {
     assert_eq!(status.code(), Some(1), "expected exit status 1:\n{out}\n{err}");
     assert!(err.contains("raise --node-capacity"), "{err}");
     assert!(err.contains("error: node 0 (0,0,0) exited with code 1"), "the launcher must name the node:\n{err}");
+}
+
+#[test]
+fn external_launcher_sets_the_mesh() {
+    let small = ["--batch", "3", "--steps", "1", "--scale", "256"];
+    let (status, out, err) = run_under_launcher(&["--mesh", "2x2"], &small);
+    assert!(status.success(), "stdout:\n{out}\nstderr:\n{err}");
+    assert!(out.contains("mesh 2x2x1"), "{out}");
+    assert!(out.contains("equal: true"), "{out}");
+
+    let mut mismatched = small.to_vec();
+    mismatched.extend(["--mesh", "2x2x2"]);
+    let (status, out, err) = run_under_launcher(&["--mesh", "2x2"], &mismatched);
+    assert!(!status.success(), "stdout:\n{out}\nstderr:\n{err}");
+    assert!(err.contains("--mesh 2x2x2 differs from the mesh 2x2x1"), "{err}");
 }

@@ -22,7 +22,7 @@ pub const MAX_STEPS: usize = 4096;
 /// Runs one MoE transformer layer over a batch of requests from a Mooncake
 /// trace, with prefix-shared paged KV cache, and checks the result against a
 /// single-process reference.
-#[derive(Debug, Parser)]
+#[derive(Clone, Debug, Parser)]
 #[command(name = "moe_layer")]
 pub struct Args {
     /// Shape of the node mesh, `XxYxZ`, optionally followed by `:torus`.

@@ -129,6 +129,8 @@ fn run_launcher(args: &cli::Args) -> Result<ExitCode, Failure> {
 /// Runs this process's node of the group; node 0 also prints the plan and
 /// the report.
 fn run_node(args: &cli::Args) -> Result<ExitCode, Failure> {
+    let adopted = adopt_launch_environment(args)?;
+    let args = &adopted;
     let prepared = prepare(args)?;
     let Prepared { cfg, trace_path, requests, workload, plan } = &prepared;
     let print = || report::print_setup(cfg, trace_path, *requests, workload);
@@ -139,6 +141,45 @@ fn run_node(args: &cli::Args) -> Result<ExitCode, Failure> {
         Err(driver::NodeError::Reported) => Ok(ExitCode::FAILURE),
         Err(e) => Err(Failure::Run(e.to_string())),
     }
+}
+
+/// Reconciles the options with the environment of a launcher that is not
+/// this example (`meshmem run -- moe_layer ...`): the mesh comes from the
+/// launcher, and an explicit `--mesh` that differs is an error; the page
+/// size and node capacity the example would choose are set for the pool
+/// unless the environment already sets them, and an explicit
+/// `--node-capacity` always wins. Every node computes the same values, so
+/// they agree when they join.
+fn adopt_launch_environment(args: &cli::Args) -> Result<cli::Args, Failure> {
+    let mut args = args.clone();
+    let explicit = |flag: &str| std::env::args().any(|a| a == flag || a.starts_with(&format!("{flag}=")));
+    if let Ok(text) = std::env::var(meshmem::launch::MESH_VAR) {
+        let mesh: meshmem::Mesh3d = text
+            .parse()
+            .map_err(|e| Failure::Usage(format!("the launcher's {} is invalid: {e}", meshmem::launch::MESH_VAR)))?;
+        if explicit("--mesh") && mesh != args.mesh {
+            return Err(Failure::Usage(format!(
+                "--mesh {} differs from the mesh {mesh} the launcher started; drop --mesh, or start the example by itself so that it launches the {} nodes of mesh {}",
+                args.mesh,
+                args.mesh.len(),
+                args.mesh
+            )));
+        }
+        args.mesh = mesh;
+    }
+    let cfg = ModelConfig::from_preset(args.preset);
+    if std::env::var("MESHMEM_PAGE_SIZE").is_err() {
+        std::env::set_var("MESHMEM_PAGE_SIZE", driver::page_size(&cfg).to_string());
+    }
+    if let Some(capacity) = args.node_capacity {
+        std::env::set_var("MESHMEM_NODE_CAPACITY", capacity.to_string());
+    } else if std::env::var("MESHMEM_NODE_CAPACITY").is_err() {
+        let prepared = prepare(&args)?;
+        let replicas = args.replicate_hot.is_some() || args.prefetch;
+        let capacity = driver::default_node_capacity(&cfg, args.placement, args.mesh.len(), &prepared.plan, args.steps, replicas);
+        std::env::set_var("MESHMEM_NODE_CAPACITY", capacity.to_string());
+    }
+    Ok(args)
 }
 
 /// This node's id and coordinate from the launcher's environment, for error
