@@ -287,8 +287,9 @@ impl Pool {
         Pool::join(Config::from_env()?)
     }
 
-    /// Leaves the group: unmaps the window and every segment. Other nodes
-    /// keep access to this node's pages until they exit.
+    /// Leaves the group: unmaps the window and every segment. On one host,
+    /// other nodes keep access to this node's pages until they exit. In a
+    /// group that spans hosts, leaving is collective (see `Drop`).
     pub fn leave(self) {
         tracing::info!(node = %self.me, group = self.group.name(), "left");
     }
@@ -847,6 +848,23 @@ impl Pool {
     /// `Vec::new_in(pool.on(NodeId(3)))`.
     pub fn on(&self, placement: impl Into<Placement>) -> PoolAllocator<'_> {
         PoolAllocator { pool: self, placement: placement.into() }
+    }
+}
+
+impl Drop for Pool {
+    /// In a group that spans hosts, waits until every node leaves before
+    /// this node's TCP server stops, because nodes on other hosts reach this
+    /// node's pages only through it. A node that died fails the wait at
+    /// once, and the failure is logged.
+    // NOTE: a node that never leaves (hung, or still working) keeps the
+    // others waiting here, as a barrier would.
+    fn drop(&mut self) {
+        #[cfg(feature = "tcp")]
+        if self._server.is_some() {
+            if let Err(e) = self.group.all_gather("leave", &[]) {
+                tracing::warn!(node = %self.me, group = self.group.name(), error = %e, "leaving the group did not reach every node");
+            }
+        }
     }
 }
 
