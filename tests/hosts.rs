@@ -286,3 +286,51 @@ fn master_port_in_use_is_reported() {
     assert!(err.contains(&master.to_string()), "{err}");
     assert!(err.contains("pick a free MASTER_PORT"), "{err}");
 }
+
+#[test]
+fn launcher_runs_nodes_on_simulated_hosts() {
+    if let Some(reason) = unavailable() {
+        eprintln!("launcher_runs_nodes_on_simulated_hosts NOT RUN: {reason}");
+        return;
+    }
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_meshmem"));
+    command.args(["run", "--hosts", "2", "--mesh", "2x2x1"]);
+    for setting in [
+        "MESHMEM_TEST_SCENARIO=full",
+        "MESHMEM_PAGE_SIZE=64K",
+        "MESHMEM_NODE_CAPACITY=4M",
+        "MESHMEM_WINDOW_SIZE=1G",
+        "MESHMEM_JOIN_TIMEOUT_MS=10000",
+    ] {
+        command.args(["--env", setting]);
+    }
+    command.arg("--").arg(exe).args(["--exact", "node_process", "--nocapture", "--test-threads=1"]);
+    // The launcher stops and reaps its nodes and deletes its namespaces on
+    // every exit path; waiting for it reaps it.
+    let launcher = command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn();
+    let launcher = launcher.expect("start the launcher");
+    let pid = launcher.id();
+    let output = launcher.wait_with_output().expect("wait for the launcher");
+    let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    assert!(output.status.success(), "{text}");
+    for rank in 0..4 {
+        assert!(text.contains(&format!("node {rank} done")), "{text}");
+    }
+    assert!(text.contains("tcp between the 2 simulated hosts"), "{text}");
+
+    let list = std::process::Command::new("ip").args(["netns", "list"]).output().expect("ip netns list");
+    let list = String::from_utf8_lossy(&list.stdout);
+    assert!(!list.contains(&format!("mm{pid}-")), "the launcher left namespaces behind: {list}");
+}
+
+#[test]
+fn launcher_rejects_uneven_hosts() {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_meshmem"))
+        .args(["run", "--hosts", "3", "--mesh", "2x2x1", "--", "true"])
+        .output()
+        .expect("run the launcher");
+    let text = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{text}");
+    assert!(text.contains("do not split evenly over 3 hosts"), "{text}");
+}
