@@ -133,6 +133,7 @@ fn node_process() {
 /// atomics and a barrier, migrates a page across hosts, and frees.
 fn full_node() {
     let pool = Pool::join_from_env().expect("join the group across hosts");
+    pool.install_fault_handler().expect("install the fault handler with nodes on another host");
     let me = pool.node();
     let n = pool.size();
     let host_of = |node: NodeId| node.index() / 2;

@@ -251,7 +251,7 @@ pub fn supervise(spec: &LaunchSpec) -> Result<LaunchReport> {
                     ("GROUP_WORLD_SIZE", spec.hosts.to_string()),
                     ("MASTER_ADDR", set.address(0).to_string()),
                     ("MESHMEM_HOST_ADDR", set.address(host).to_string()),
-                    (crate::transport::tcp::SECRET_ENV, secret.to_hex()),
+                    ("MESHMEM_SECRET", secret.clone()),
                 ] {
                     env.retain(|(k, _)| *k != key);
                     env.push((key, value));
@@ -440,7 +440,7 @@ const HOSTS_MASTER_PORT: u16 = 29500;
 
 /// Creates the simulated hosts of `spec` and the group's secret, or `None`
 /// when every node runs on this host.
-fn simulated_hosts(spec: &LaunchSpec) -> Result<Option<(netns::SimulatedHosts, crate::transport::tcp::Secret)>> {
+fn simulated_hosts(spec: &LaunchSpec) -> Result<Option<(netns::SimulatedHosts, String)>> {
     if spec.hosts <= 1 {
         return Ok(None);
     }
@@ -462,7 +462,12 @@ fn simulated_hosts(spec: &LaunchSpec) -> Result<Option<(netns::SimulatedHosts, c
             source: None,
         });
     }
-    let secret = crate::transport::tcp::Secret::generate()?;
+    // The secret travels in hex, in the nodes' environment only.
+    #[cfg(feature = "tcp")]
+    let secret = crate::transport::tcp::Secret::generate()?.to_hex();
+    #[cfg(not(feature = "tcp"))]
+    return Err(Error::Launch { reason: "--hosts needs a build with the `tcp` feature".into(), source: None });
+    #[cfg(feature = "tcp")]
     Ok(Some((netns::SimulatedHosts::create(spec.hosts)?, secret)))
 }
 
