@@ -207,6 +207,9 @@ fn full_node() {
     assert_eq!(stats.transport[0][1], TransportKind::Shm);
     assert_eq!(stats.transport[0][2], TransportKind::Tcp);
     assert_eq!(stats.transport[3][2], TransportKind::Shm);
+    let split = stats.bytes_by_transport();
+    assert!(split.iter().any(|&(k, bytes)| k == TransportKind::Tcp && bytes > 0), "{split:?}");
+    assert!(split.iter().any(|&(k, bytes)| k == TransportKind::Shm && bytes > 0), "{split:?}");
     pool.barrier().expect("barrier before the frees");
 
     if me.0 == 1 {

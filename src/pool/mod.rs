@@ -128,6 +128,24 @@ pub struct Stats {
     pub transport: Vec<Vec<TransportKind>>,
 }
 
+impl Stats {
+    /// Returns the bytes moved over each transport kind, summed over every
+    /// pair: with simulated or real hosts, `Shm` is the traffic inside a
+    /// host and `Tcp` or `Rdma` the traffic between hosts.
+    pub fn bytes_by_transport(&self) -> Vec<(TransportKind, u64)> {
+        let mut totals: Vec<(TransportKind, u64)> = Vec::new();
+        for (row, kinds) in self.traffic.iter().zip(&self.transport) {
+            for (&bytes, &kind) in row.iter().zip(kinds) {
+                match totals.iter_mut().find(|(k, _)| *k == kind) {
+                    Some((_, total)) => *total += bytes,
+                    None => totals.push((kind, bytes)),
+                }
+            }
+        }
+        totals
+    }
+}
+
 /// One node's membership in a group.
 pub struct Pool {
     /// Dropped first: the fault handler must stop using the window and the
