@@ -16,6 +16,12 @@
 //! | `MESHMEM_WINDOW_SIZE` | bytes of address space of the window | 1 TiB |
 //! | `MESHMEM_WINDOW_BASE` | window base address (hex), node 0 only | chosen by the kernel |
 //! | `MESHMEM_JOIN_TIMEOUT_MS` | how long `join` waits for the group | 60000 |
+//!
+//! A group spans hosts when `MESHMEM_SECRET` is set. Node 0's rendezvous
+//! then listens at `MASTER_ADDR:MASTER_PORT`, which are both required. Each
+//! node serves its segment over TCP on `MESHMEM_HOST_ADDR`, 127.0.0.1 by
+//! default, which only reaches nodes of the same machine, so set it to an
+//! address that the other hosts can reach.
 
 use std::time::Duration;
 
@@ -60,6 +66,54 @@ pub struct Config {
     pub window_base: Option<u64>,
     /// How long `join` waits for the other nodes.
     pub join_timeout: Duration,
+    /// Set when the group spans hosts; `None` keeps every node on this host.
+    #[cfg(feature = "tcp")]
+    pub hosts: Option<HostsConfig>,
+}
+
+/// Settings of a node in a group that spans hosts.
+#[cfg(feature = "tcp")]
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostsConfig {
+    /// Node 0's rendezvous: `MASTER_ADDR:MASTER_PORT`.
+    pub master: std::net::SocketAddr,
+    /// The address this node's TCP server listens on; other hosts reach the
+    /// node's segment there.
+    pub host_addr: std::net::IpAddr,
+    /// The group's secret, which authenticates the rendezvous, the
+    /// collectives and every TCP request.
+    pub secret: crate::transport::tcp::Secret,
+}
+
+#[cfg(feature = "tcp")]
+impl HostsConfig {
+    /// Reads `MESHMEM_SECRET`, `MASTER_ADDR`, `MASTER_PORT` and
+    /// `MESHMEM_HOST_ADDR`; `None` when no secret is set.
+    pub fn from_env() -> Result<Option<HostsConfig>> {
+        use std::net::ToSocketAddrs;
+
+        let Some(secret) = crate::transport::tcp::Secret::from_env()? else { return Ok(None) };
+        let need = |name: &'static str| {
+            env(name).ok_or_else(|| {
+                invalid(name, "unset", "MESHMEM_SECRET is set, so the group spans hosts; set MASTER_ADDR and MASTER_PORT to node 0's address and a free port")
+            })
+        };
+        let (addr, port) = (need("MASTER_ADDR")?, need("MASTER_PORT")?);
+        let port: u16 = port.trim().parse().map_err(|_| invalid("MASTER_PORT", &port, "not a port number"))?;
+        let master = (addr.trim(), port)
+            .to_socket_addrs()
+            .ok()
+            .and_then(|mut addrs| addrs.next())
+            .ok_or_else(|| invalid("MASTER_ADDR", &addr, "not an address or a name that resolves"))?;
+        let host_addr = match env("MESHMEM_HOST_ADDR") {
+            Some(text) => text
+                .trim()
+                .parse()
+                .map_err(|_| invalid("MESHMEM_HOST_ADDR", &text, "not an IP address; give the address other hosts reach this one at"))?,
+            None => std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+        };
+        Ok(Some(HostsConfig { master, host_addr, secret }))
+    }
 }
 
 impl Default for Config {
@@ -74,6 +128,8 @@ impl Default for Config {
             window_size: DEFAULT_WINDOW_SIZE,
             window_base: None,
             join_timeout: Duration::from_secs(60),
+            #[cfg(feature = "tcp")]
+            hosts: None,
         }
     }
 }
@@ -91,6 +147,8 @@ pub(crate) struct Resolved {
     pub arena_pages: u64,
     pub window_base: Option<u64>,
     pub join_timeout: Duration,
+    #[cfg(feature = "tcp")]
+    pub hosts: Option<HostsConfig>,
 }
 
 fn invalid(name: &'static str, value: impl ToString, reason: impl Into<String>) -> Error {
@@ -178,6 +236,10 @@ impl Config {
                 .parse()
                 .map_err(|_| invalid("MESHMEM_JOIN_TIMEOUT_MS", &v, "not a whole number of milliseconds"))?;
             config.join_timeout = Duration::from_millis(ms);
+        }
+        #[cfg(feature = "tcp")]
+        {
+            config.hosts = HostsConfig::from_env()?;
         }
         Ok(config)
     }
@@ -269,6 +331,8 @@ impl Config {
             arena_pages,
             window_base: self.window_base,
             join_timeout: self.join_timeout,
+            #[cfg(feature = "tcp")]
+            hosts: self.hosts.clone(),
         })
     }
 }

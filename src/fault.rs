@@ -36,9 +36,11 @@ pub(crate) struct FaultTarget {
     pub len: u64,
     pub page_shift: u32,
     pub arena_shift: u32,
-    /// Per node: the first page-table entry of its arena in this process.
+    /// Per node: the first page-table entry of its arena in this process;
+    /// null for a node on another host, whose arena the handler leaves alone.
     pub leaves: Vec<*const AtomicU64>,
-    /// Per node: the descriptor of its segment.
+    /// Per node: the descriptor of its segment; -1 for a node on another
+    /// host, whose pages are never mapped here.
     pub fds: Vec<RawFd>,
     pub frames_offset: u64,
     /// Per page of the window: the mapping key this process mapped.
@@ -154,7 +156,7 @@ unsafe fn map_page(target: &FaultTarget, addr: u64) -> bool {
     }
     let page = (addr - target.base) >> target.page_shift;
     let node = (page >> target.arena_shift) as usize;
-    let Some(&leaves) = target.leaves.get(node) else { return false };
+    let Some(&leaves) = target.leaves.get(node).filter(|l| !l.is_null()) else { return false };
     let index = page & ((1u64 << target.arena_shift) - 1);
     // SAFETY: entries of the arena lie in the node's mapped segment, each
     // ENTRY_BYTES long with the entry word first.
@@ -184,7 +186,7 @@ unsafe fn map_page(target: &FaultTarget, addr: u64) -> bool {
         slot.store(mapped, Ordering::SeqCst);
         return false;
     }
-    let Some(&fd) = target.fds.get(pte.home().index()) else {
+    let Some(&fd) = target.fds.get(pte.home().index()).filter(|&&fd| fd >= 0) else {
         slot.store(mapped, Ordering::SeqCst);
         return false;
     };

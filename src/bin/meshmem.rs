@@ -59,6 +59,12 @@ enum Command {
         #[arg(long)]
         no_prefix: bool,
 
+        /// Spread the nodes over N simulated hosts (network namespaces,
+        /// consecutive ranks per host), joined over TCP with a random group
+        /// secret. Needs root.
+        #[arg(long, value_name = "N", default_value_t = 1)]
+        hosts: usize,
+
         /// The program to run on every node, and its arguments.
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "PROGRAM")]
         command: Vec<OsString>,
@@ -87,7 +93,7 @@ fn main() -> ExitCode {
     init_logging();
     let cli = Cli::parse();
     match cli.command {
-        Command::Run { mesh, grace_ms, env, no_prefix, command } => {
+        Command::Run { mesh, grace_ms, env, no_prefix, hosts, command } => {
             let mut command = command.into_iter();
             // clap requires at least one value, so a program is present.
             let program = PathBuf::from(command.next().unwrap_or_default());
@@ -98,6 +104,7 @@ fn main() -> ExitCode {
                 env,
                 grace: Duration::from_millis(grace_ms),
                 prefix_output: !no_prefix,
+                hosts,
             };
             run(&spec)
         }
@@ -140,6 +147,7 @@ fn run(spec: &LaunchSpec) -> ExitCode {
         eprintln!("meshmem: error: {e}");
     }
     eprintln!("meshmem: {}", report.summary());
+    eprintln!("meshmem: transports: {}", launch::transports_used(spec));
     ExitCode::from(code)
 }
 

@@ -92,6 +92,10 @@ pub struct LaunchSpec {
     /// prefix. When false, nodes write straight to the launcher's stdout and
     /// stderr.
     pub prefix_output: bool,
+    /// Number of simulated hosts that the nodes are spread over, consecutive
+    /// ranks per host. With 1, every node runs on this host. More than 1
+    /// needs root (see [`netns`]).
+    pub hosts: usize,
 }
 
 impl LaunchSpec {
@@ -105,6 +109,7 @@ impl LaunchSpec {
             env: Vec::new(),
             grace: DEFAULT_GRACE,
             prefix_output: true,
+            hosts: 1,
         }
     }
 }
@@ -219,19 +224,43 @@ pub fn launch(spec: &LaunchSpec) -> Result<LaunchReport> {
 pub fn supervise(spec: &LaunchSpec) -> Result<LaunchReport> {
     let program = resolve_program(&spec.program, spec_path(spec).as_deref())?;
     let group = new_group_id();
+    // Created before any node starts and dropped on every return below,
+    // which deletes the namespaces once every node has been reaped.
+    let hosts = simulated_hosts(spec)?;
     let master_port = match spec.env.iter().any(|(k, _)| k == "MASTER_PORT") {
         true => None,
+        false if hosts.is_some() => Some(HOSTS_MASTER_PORT),
         false => free_loopback_port(),
     };
-    tracing::info!(mesh = %spec.mesh, %group, program = %program.display(), "starting nodes");
+    tracing::info!(mesh = %spec.mesh, %group, program = %program.display(), hosts = spec.hosts, "starting nodes");
 
     let signals = SignalPipe::install()?;
     let started = Instant::now();
     let mut copiers = OutputCopiers::new();
     let mut nodes = Vec::with_capacity(spec.mesh.len());
     for node in spec.mesh.nodes() {
-        let env = node_environment(&spec.mesh, &group, node, master_port);
-        match start_node(spec, &program, env, node, &mut copiers) {
+        let mut env = node_environment(&spec.mesh, &group, node, master_port);
+        let namespace = match &hosts {
+            Some((set, secret)) => {
+                let host = host_of(spec, node);
+                let per_host = spec.mesh.len() / spec.hosts;
+                for (key, value) in [
+                    ("LOCAL_RANK", (node.index() % per_host).to_string()),
+                    ("LOCAL_WORLD_SIZE", per_host.to_string()),
+                    ("GROUP_RANK", host.to_string()),
+                    ("GROUP_WORLD_SIZE", spec.hosts.to_string()),
+                    ("MASTER_ADDR", set.address(0).to_string()),
+                    ("MESHMEM_HOST_ADDR", set.address(host).to_string()),
+                    ("MESHMEM_SECRET", secret.clone()),
+                ] {
+                    env.retain(|(k, _)| *k != key);
+                    env.push((key, value));
+                }
+                Some(set.namespace(host))
+            }
+            None => None,
+        };
+        match start_node(spec, &program, env, node, namespace.as_deref(), &mut copiers) {
             Ok(running) => nodes.push(running),
             Err(e) => {
                 stop(&mut nodes, Signal::SIGTERM, spec.grace, &signals);
@@ -405,17 +434,89 @@ impl RunningNode {
     }
 }
 
+/// `MASTER_PORT` of a run over simulated hosts: node 0's namespace is new
+/// and empty, so any port is free there.
+const HOSTS_MASTER_PORT: u16 = 29500;
+
+/// Creates the simulated hosts of `spec` and the group's secret, or `None`
+/// when every node runs on this host.
+fn simulated_hosts(spec: &LaunchSpec) -> Result<Option<(netns::SimulatedHosts, String)>> {
+    if spec.hosts <= 1 {
+        return Ok(None);
+    }
+    let nodes = spec.mesh.len();
+    if nodes % spec.hosts != 0 {
+        return Err(Error::InvalidConfig {
+            name: "--hosts",
+            value: spec.hosts.to_string(),
+            reason: format!("the mesh {} has {nodes} nodes, which do not split evenly over {} hosts", spec.mesh, spec.hosts),
+        });
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(Error::Launch {
+            reason: format!(
+                "--hosts {} creates network namespaces, which needs root; run as root or drop --hosts",
+                spec.hosts
+            ),
+            source: None,
+        });
+    }
+    // The secret travels in hex, in the nodes' environment only.
+    #[cfg(feature = "tcp")]
+    let secret = crate::transport::tcp::Secret::generate()?.to_hex();
+    #[cfg(not(feature = "tcp"))]
+    return Err(Error::Launch { reason: "--hosts needs a build with the `tcp` feature".into(), source: None });
+    #[cfg(feature = "tcp")]
+    Ok(Some((netns::SimulatedHosts::create(spec.hosts)?, secret)))
+}
+
+/// Returns the simulated host of `node`: consecutive ranks share a host.
+fn host_of(spec: &LaunchSpec, node: NodeId) -> usize {
+    node.index() / (spec.mesh.len() / spec.hosts.max(1)).max(1)
+}
+
+/// Describes the transports that a run of `spec` used, as the pool selects
+/// them for its hosts unless `MESHMEM_TRANSPORT` forces one.
+pub fn transports_used(spec: &LaunchSpec) -> String {
+    let forced = spec
+        .env
+        .iter()
+        .find(|(k, _)| k == crate::transport::select::TRANSPORT_ENV)
+        .map(|(_, v)| v.to_string_lossy().into_owned())
+        .or_else(|| std::env::var(crate::transport::select::TRANSPORT_ENV).ok())
+        .filter(|v| !v.is_empty() && v != "auto");
+    match (spec.hosts, forced) {
+        (_, Some(kind)) => format!("{kind} between distinct nodes (forced by MESHMEM_TRANSPORT)"),
+        (0 | 1, None) => "shm between every pair of nodes".to_string(),
+        (hosts, None) => format!("shm between nodes of one host, tcp between the {hosts} simulated hosts"),
+    }
+}
+
 fn start_node(
     spec: &LaunchSpec,
     program: &Path,
     env: Vec<(&'static str, String)>,
     node: NodeId,
+    namespace: Option<&str>,
     copiers: &mut OutputCopiers,
 ) -> Result<RunningNode> {
     let coord = spec.mesh.coord(node)?;
-    let mut command = Command::new(program);
+    // In a simulated host, `ip netns exec` enters the namespace and execs
+    // the program, so the child's pid is the node's.
+    let mut command = match namespace {
+        Some(namespace) => {
+            let mut command = Command::new("ip");
+            command.args(["netns", "exec", namespace]).arg(program);
+            command
+        }
+        None => {
+            let mut command = Command::new(program);
+            command.arg0(&spec.program);
+            command
+        }
+    };
     command
-        .arg0(&spec.program)
         .args(&spec.args)
         .envs(env)
         .envs(spec.env.iter().map(|(k, v)| (k, v)))

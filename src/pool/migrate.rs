@@ -35,7 +35,6 @@ use crate::error::{Error, Result};
 use crate::layout::{hdr, Words};
 use crate::space::{Pte, Window};
 use crate::topology::NodeId;
-use crate::transport::Transport;
 
 /// How long a migrator waits for a node to acknowledge a request or to
 /// finish its operations before it gives up and rolls back.
@@ -376,6 +375,10 @@ impl Pool {
             words.store(node, hdr::MAILBOX_FIRST, first)?;
             words.store(node, hdr::MAILBOX_PAGES, pages)?;
             let seq = words.fetch_add(node, hdr::MAILBOX_SEQ, 1)? + 1;
+            // NOTE: a node on another host has no local view, so no futex
+            // wakes its service thread. The thread finds the request on its
+            // next poll, up to 200 ms later (`serve`), so each migration
+            // waits up to that long for a node on another host.
             if let Some([word]) = words.local_words(node, hdr::MAILBOX_SEQ, 1) {
                 futex_wake(word);
             }
@@ -401,7 +404,9 @@ impl Pool {
                 }
                 match words.local_words(node, hdr::MAILBOX_ACK, 1) {
                     Some([word]) => futex_wait(word, acked, Duration::from_millis(50)),
-                    _ => std::thread::sleep(Duration::from_micros(100)),
+                    // Each check of a node on another host is a round trip;
+                    // its service polls every 200 ms, so check each ms.
+                    _ => std::thread::sleep(Duration::from_millis(1)),
                 }
             }
         }

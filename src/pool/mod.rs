@@ -22,6 +22,8 @@ use crate::layout::{hdr, SegmentLayout, Words};
 use crate::space::{GlobalAddr, Pte, Window};
 
 mod migrate;
+#[cfg(feature = "tcp")]
+mod span;
 pub use migrate::Prefetch;
 use crate::topology::{Coord, Mesh3d, NodeId};
 use crate::transport::rendezvous::{self, Group, Hello, PROTOCOL};
@@ -121,8 +123,27 @@ pub struct Stats {
     pub operations: Vec<Vec<u64>>,
     /// Sum of bytes times hop distance over every pair.
     pub hop_bytes: u64,
-    /// The transport each pair of nodes uses.
-    pub transport: TransportKind,
+    /// `transport[src][dst]`: the transport that carries `src`'s operations
+    /// on `dst`'s memory.
+    pub transport: Vec<Vec<TransportKind>>,
+}
+
+impl Stats {
+    /// Returns the bytes moved over each transport kind, summed over every
+    /// pair: with simulated or real hosts, `Shm` is the traffic inside a
+    /// host and `Tcp` or `Rdma` the traffic between hosts.
+    pub fn bytes_by_transport(&self) -> Vec<(TransportKind, u64)> {
+        let mut totals: Vec<(TransportKind, u64)> = Vec::new();
+        for (row, kinds) in self.traffic.iter().zip(&self.transport) {
+            for (&bytes, &kind) in row.iter().zip(kinds) {
+                match totals.iter_mut().find(|(k, _)| *k == kind) {
+                    Some((_, total)) => *total += bytes,
+                    None => totals.push((kind, bytes)),
+                }
+            }
+        }
+        totals
+    }
 }
 
 /// One node's membership in a group.
@@ -134,11 +155,30 @@ pub struct Pool {
     mesh: Mesh3d,
     layout: SegmentLayout,
     group: Group,
-    transport: Arc<ShmTransport>,
+    transport: Arc<dyn Transport>,
+    /// `plan[src][dst]`: the transport kind of each pair.
+    plan: Vec<Vec<TransportKind>>,
     heap: Heap,
     /// Stopped before the window goes: it changes this process's mappings.
     _service: migrate::Service,
+    /// Serves this node's segment to other hosts; `None` on one host.
+    #[cfg(feature = "tcp")]
+    _server: Option<crate::transport::tcp::TcpServer>,
     window: Arc<Window>,
+    pids: Vec<u32>,
+}
+
+/// The state that either join path hands to [`Pool::assemble`].
+struct Parts {
+    me: NodeId,
+    mesh: Mesh3d,
+    layout: SegmentLayout,
+    group: Group,
+    transport: Arc<dyn Transport>,
+    plan: Vec<Vec<TransportKind>>,
+    #[cfg(feature = "tcp")]
+    server: Option<crate::transport::tcp::TcpServer>,
+    window: Window,
     pids: Vec<u32>,
 }
 
@@ -160,6 +200,10 @@ impl Pool {
     /// window cannot be reserved at node 0's base.
     pub fn join(config: Config) -> Result<Pool> {
         let resolved = config.resolve()?;
+        #[cfg(feature = "tcp")]
+        if let Some(hosts) = resolved.hosts.clone() {
+            return Pool::assemble(span::join(&resolved, &hosts)?);
+        }
         let me = NodeId(resolved.rank);
         let nodes = resolved.size as u64;
         let layout = SegmentLayout::new(nodes, resolved.page_size, resolved.frame_count, resolved.arena_pages);
@@ -206,32 +250,53 @@ impl Pool {
             }
             segments.push(segment);
         }
-        let transport = Arc::new(ShmTransport::new(me, segments, layout));
-        let words = Words::new(transport.clone(), nodes as usize);
-        for node in resolved.mesh.nodes() {
+        let transport: Arc<dyn Transport> = Arc::new(ShmTransport::new(me, segments, layout));
+        Pool::assemble(Parts {
+            me,
+            mesh: resolved.mesh,
+            layout,
+            group: joined.group,
+            transport,
+            plan: vec![vec![TransportKind::Shm; nodes as usize]; nodes as usize],
+            #[cfg(feature = "tcp")]
+            server: None,
+            window,
+            pids: joined.pids,
+        })
+    }
+
+    /// Checks every node's segment and starts this node's services over the
+    /// transport a join built.
+    fn assemble(parts: Parts) -> Result<Pool> {
+        let Parts { me, mesh, layout, group, transport, plan, window, pids, .. } = parts;
+        let words = Words::new(transport.clone(), mesh.len());
+        for node in mesh.nodes() {
             layout.validate(&words, node)?;
         }
         let window = Arc::new(window);
         let service = migrate::Service::start(words.clone(), me, window.clone())?;
-        let heap = Heap::new(me, resolved.mesh, layout, words, window.base());
+        let heap = Heap::new(me, mesh, layout, words, window.base());
         tracing::info!(
             node = %me,
-            group = joined.group.name(),
-            mesh = %resolved.mesh,
+            group = group.name(),
+            mesh = %mesh,
             window = format_args!("{:#x}", window.base()),
             "joined"
         );
         Ok(Pool {
             fault: parking_lot::Mutex::new(None),
             me,
-            mesh: resolved.mesh,
+            mesh,
             layout,
-            group: joined.group,
+            group,
             transport,
+            plan,
             heap,
             _service: service,
+            #[cfg(feature = "tcp")]
+            _server: parts.server,
             window,
-            pids: joined.pids,
+            pids,
         })
     }
 
@@ -240,8 +305,9 @@ impl Pool {
         Pool::join(Config::from_env()?)
     }
 
-    /// Leaves the group: unmaps the window and every segment. Other nodes
-    /// keep access to this node's pages until they exit.
+    /// Leaves the group: unmaps the window and every segment. On one host,
+    /// other nodes keep access to this node's pages until they exit. In a
+    /// group that spans hosts, leaving is collective (see `Drop`).
     pub fn leave(self) {
         tracing::info!(node = %self.me, group = self.group.name(), "left");
     }
@@ -600,11 +666,7 @@ impl Pool {
                 }
                 keys.push(next.mapping_key());
             }
-            let fd = self.transport.mappable_fd(pte.home()).ok_or_else(|| Error::Transport {
-                node: pte.home(),
-                reason: "its segment cannot be mapped into this process".into(),
-                source: None,
-            })?;
+            let fd = self.transport.mappable_fd(pte.home()).ok_or_else(|| self.unmappable(page, pte.home()))?;
             // Read-mostly pages are mapped read-only, so that a store through
             // a raw pointer faults rather than bypass replica invalidation.
             let writable = pte.advice() & crate::coherence::bits::READ_MOSTLY == 0;
@@ -632,6 +694,23 @@ impl Pool {
             }
         }
         Ok(())
+    }
+
+    /// Builds the error for a page whose home's segment this process cannot
+    /// map, because the home is on another host (reached by TCP or RDMA).
+    #[cold]
+    fn unmappable(&self, page: u64, home: NodeId) -> Error {
+        let kind = self.plan.get(self.me.index()).and_then(|row| row.get(home.index())).copied();
+        Error::Transport {
+            node: home,
+            reason: format!(
+                "the page at {:#x} is homed on node {home}, which node {} reaches over {}, so it cannot be mapped into this process as a pointer; use Pool::read and Pool::write (or the atomics) on it",
+                self.window.page_addr(page),
+                self.me,
+                kind.map_or_else(|| "no shared memory".to_string(), |k| k.to_string()),
+            ),
+            source: None,
+        }
     }
 
     /// Sets `advice` on the pages of `len` bytes at `addr`, which must lie
@@ -689,17 +768,19 @@ impl Pool {
         let mut leaves = Vec::with_capacity(self.size());
         let mut fds = Vec::with_capacity(self.size());
         for node in self.mesh.nodes() {
-            let entries = words.local_words(node, self.layout.leaves, 2).ok_or_else(|| Error::Transport {
-                node,
-                reason: "its page table is not mapped in this process, which the fault handler needs".into(),
-                source: None,
-            })?;
-            leaves.push(entries.as_ptr());
-            fds.push(self.transport.mappable_fd(node).ok_or_else(|| Error::Transport {
-                node,
-                reason: "its segment cannot be mapped into this process".into(),
-                source: None,
-            })?);
+            // A node on another host has no local view: the handler leaves
+            // faults on its arena and on pages it homes to the handler
+            // installed before, since those pages are never mapped here.
+            match (words.local_words(node, self.layout.leaves, 2), self.transport.mappable_fd(node)) {
+                (Some(entries), Some(fd)) => {
+                    leaves.push(entries.as_ptr());
+                    fds.push(fd);
+                }
+                _ => {
+                    leaves.push(std::ptr::null());
+                    fds.push(-1);
+                }
+            }
         }
         *fault = Some(crate::fault::register(crate::fault::FaultTarget {
             base: self.window.base(),
@@ -773,7 +854,7 @@ impl Pool {
                 replica_bytes: words.load(src, hdr::REPLICA_FRAMES)? * self.layout.page_size,
             });
         }
-        Ok(Stats { nodes, traffic, operations, hop_bytes: total_hop_bytes, transport: self.transport.kind() })
+        Ok(Stats { nodes, traffic, operations, hop_bytes: total_hop_bytes, transport: self.plan.clone() })
     }
 
     /// Checks every node's free map against its counter.
@@ -785,6 +866,23 @@ impl Pool {
     /// `Vec::new_in(pool.on(NodeId(3)))`.
     pub fn on(&self, placement: impl Into<Placement>) -> PoolAllocator<'_> {
         PoolAllocator { pool: self, placement: placement.into() }
+    }
+}
+
+impl Drop for Pool {
+    /// In a group that spans hosts, waits until every node leaves before
+    /// this node's TCP server stops, because nodes on other hosts reach this
+    /// node's pages only through it. A node that died fails the wait at
+    /// once, and the failure is logged.
+    // NOTE: a node that never leaves (hung, or still working) keeps the
+    // others waiting here, as a barrier would.
+    fn drop(&mut self) {
+        #[cfg(feature = "tcp")]
+        if self._server.is_some() {
+            if let Err(e) = self.group.all_gather("leave", &[]) {
+                tracing::warn!(node = %self.me, group = self.group.name(), error = %e, "leaving the group did not reach every node");
+            }
+        }
     }
 }
 

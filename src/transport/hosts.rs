@@ -190,6 +190,13 @@ impl RendezvousServer {
     /// Waits for every other rank, checks their descriptors against `mine`,
     /// and returns the table in rank order, after sending it to all.
     pub fn gather(self, mine: &[u8]) -> Result<Vec<Vec<u8>>> {
+        self.gather_connected(mine).map(|(table, _)| table)
+    }
+
+    /// As [`gather`](Self::gather), and also returns the authenticated
+    /// connection to each rank (index = rank, `None` at 0), which the group
+    /// keeps for its collectives.
+    pub fn gather_connected(self, mine: &[u8]) -> Result<(Vec<Vec<u8>>, Vec<Option<TcpStream>>)> {
         let size = self.config.size as usize;
         let deadline = Instant::now() + self.config.timeout;
         let mut table: Vec<Option<Vec<u8>>> = vec![None; size];
@@ -240,7 +247,7 @@ impl RendezvousServer {
             send_message(stream, &Message::Table(table.clone()))
                 .map_err(|e| join_error("sending the table to a node failed", Some(e)))?;
         }
-        Ok(table)
+        Ok((table, streams))
     }
 
     /// Authenticates one connection and returns its rank and descriptor.
@@ -283,6 +290,11 @@ fn broadcast_reject(streams: &mut [Option<TcpStream>], reason: &str) {
 /// Joins node 0's rendezvous as a rank other than 0, retrying the connection
 /// until the timeout, and returns the table.
 pub fn join(config: &RendezvousConfig, mine: &[u8]) -> Result<Vec<Vec<u8>>> {
+    join_connected(config, mine).map(|(table, _)| table)
+}
+
+/// As [`join`], and also returns the authenticated connection to node 0.
+pub fn join_connected(config: &RendezvousConfig, mine: &[u8]) -> Result<(Vec<Vec<u8>>, TcpStream)> {
     let deadline = Instant::now() + config.timeout;
     let mut delay = Duration::from_millis(10);
     let mut stream = loop {
@@ -331,7 +343,7 @@ pub fn join(config: &RendezvousConfig, mine: &[u8]) -> Result<Vec<Vec<u8>>> {
     send_message(&mut stream, &Message::Auth { mac }).map_err(io("sending Auth"))?;
     send_message(&mut stream, &Message::Descriptor(mine.to_vec())).map_err(io("sending the descriptor"))?;
     match receive_message(&mut stream) {
-        Ok(Message::Table(table)) => Ok(table),
+        Ok(Message::Table(table)) => Ok((table, stream)),
         Ok(Message::Reject(reason)) => Err(join_error(format!("node 0 rejected the join: {reason}"), None)),
         Ok(other) => Err(join_error(format!("node 0 sent {other:?} instead of the table"), None)),
         Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Err(join_error(
@@ -351,6 +363,20 @@ pub fn all_gather(config: &RendezvousConfig, mine: &[u8]) -> Result<Vec<Vec<u8>>
         RendezvousServer::bind(config.clone())?.gather(mine)
     } else {
         join(config, mine)
+    }
+}
+
+/// As [`all_gather`], and also returns the authenticated connections of the
+/// star around node 0: at node 0 one per rank (`None` at 0), elsewhere the
+/// one to node 0 at index 0.
+pub fn all_gather_connected(config: &RendezvousConfig, mine: &[u8]) -> Result<(Vec<Vec<u8>>, Vec<Option<TcpStream>>)> {
+    if config.rank == 0 {
+        RendezvousServer::bind(config.clone())?.gather_connected(mine)
+    } else {
+        let (table, stream) = join_connected(config, mine)?;
+        let mut streams: Vec<Option<TcpStream>> = (0..config.size).map(|_| None).collect();
+        streams[0] = Some(stream);
+        Ok((table, streams))
     }
 }
 

@@ -18,10 +18,13 @@
 //! The connections stay open as a star around node 0; collectives (barrier,
 //! broadcast, all-gather) are gathered at node 0 and answered to all. A
 //! closed connection is a node that left or died, and fails the collective
-//! with the node's id.
+//! with the node's id. A group that spans hosts runs the same star over the
+//! authenticated TCP connections of its rendezvous at node 0
+//! ([`Group::over_tcp`]).
 
 use std::io::{self, IoSlice, IoSliceMut, Read, Write};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
@@ -82,7 +85,41 @@ pub struct Group {
     size: u16,
     /// At node 0 the stream to each peer (index = rank, `None` at 0); at a
     /// peer the single stream to node 0, at index 0.
-    streams: Mutex<(u64, Vec<Option<UnixStream>>)>,
+    streams: Mutex<(u64, Vec<Option<Link>>)>,
+}
+
+/// One connection of the collectives' star.
+enum Link {
+    /// Between processes of one host.
+    Unix(UnixStream),
+    /// Between hosts, authenticated by the rendezvous that opened it.
+    Tcp(TcpStream),
+}
+
+impl Read for &Link {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Link::Unix(s) => (&*s).read(buf),
+            Link::Tcp(s) => (&*s).read(buf),
+        }
+    }
+}
+
+impl Write for &Link {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Link::Unix(s) => (&*s).write(buf),
+            Link::Tcp(s) => (&*s).write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+fn unix_links(streams: Vec<Option<UnixStream>>) -> Vec<Option<Link>> {
+    streams.into_iter().map(|s| s.map(Link::Unix)).collect()
 }
 
 fn socket_name(group: &str) -> Vec<u8> {
@@ -224,7 +261,7 @@ fn serve(
         stream.set_read_timeout(None).ok();
     }
     Ok(Joined {
-        group: Group { name: group.to_string(), rank: 0, size: size as u16, streams: Mutex::new((0, streams)) },
+        group: Group { name: group.to_string(), rank: 0, size: size as u16, streams: Mutex::new((0, unix_links(streams))) },
         window_base,
         segments,
         pids,
@@ -367,7 +404,12 @@ fn connect(
     let mut streams: Vec<Option<UnixStream>> = (0..size).map(|_| None).collect();
     streams[0] = Some(stream);
     Ok(Joined {
-        group: Group { name: group.to_string(), rank: hello.rank, size: hello.size, streams: Mutex::new((0, streams)) },
+        group: Group {
+            name: group.to_string(),
+            rank: hello.rank,
+            size: hello.size,
+            streams: Mutex::new((0, unix_links(streams))),
+        },
         window_base,
         segments,
         pids,
@@ -479,13 +521,13 @@ fn recv_fds(stream: &UnixStream, expected: usize) -> io::Result<Vec<OwnedFd>> {
     }
 }
 
-fn send_frame(mut stream: &UnixStream, payload: &[u8]) -> io::Result<()> {
+fn send_frame(mut stream: impl Write, payload: &[u8]) -> io::Result<()> {
     let len = (payload.len() as u64).to_le_bytes();
     stream.write_all(&len)?;
     stream.write_all(payload)
 }
 
-fn recv_frame(mut stream: &UnixStream) -> io::Result<Vec<u8>> {
+fn recv_frame(mut stream: impl Read) -> io::Result<Vec<u8>> {
     let mut len = [0u8; 8];
     stream.read_exact(&mut len)?;
     let len = u64::from_le_bytes(len);
@@ -511,6 +553,20 @@ fn recv_message(stream: &UnixStream) -> io::Result<Message> {
 }
 
 impl Group {
+    /// Runs the collectives of `name` over TCP connections that the caller
+    /// opened and authenticated: at node 0 one per peer (index = rank,
+    /// `None` at 0), at a peer the one to node 0, at index 0.
+    pub fn over_tcp(name: &str, rank: u16, size: u16, streams: Vec<Option<TcpStream>>) -> Group {
+        for stream in streams.iter().flatten() {
+            // Collectives are small request-reply exchanges; Nagle's delay
+            // would add to every one. Failing to set it only costs latency.
+            stream.set_nodelay(true).ok();
+            stream.set_read_timeout(None).ok();
+        }
+        let streams = streams.into_iter().map(|s| s.map(Link::Tcp)).collect();
+        Group { name: name.to_string(), rank, size, streams: Mutex::new((0, streams)) }
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }

@@ -10,6 +10,7 @@
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::ptr;
 use std::sync::atomic::{fence, AtomicU64, Ordering};
+use std::sync::Arc;
 
 use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
 
@@ -98,30 +99,53 @@ impl Drop for Segment {
 }
 
 /// The shared-memory transport of one node process.
+///
+/// In a group that spans hosts it contains the segments of this host's nodes
+/// only. The others are `None`, and an operation on them fails naming the
+/// node (the pool routes those to TCP or RDMA instead).
 pub struct ShmTransport {
     me: NodeId,
-    segments: Vec<Segment>,
+    segments: Vec<Option<Arc<Segment>>>,
     layout: SegmentLayout,
 }
 
 impl ShmTransport {
     /// Builds the transport over every node's mapped segment, in id order.
     pub fn new(me: NodeId, segments: Vec<Segment>, layout: SegmentLayout) -> Self {
+        Self::partial(me, segments.into_iter().map(|s| Some(Arc::new(s))).collect(), layout)
+    }
+
+    /// Builds the transport over the segments of the nodes on this host, in
+    /// id order, `None` for nodes on other hosts. This node's own segment
+    /// must be present because its header contains the traffic counters.
+    pub fn partial(me: NodeId, segments: Vec<Option<Arc<Segment>>>, layout: SegmentLayout) -> Self {
+        debug_assert!(segments.get(me.index()).is_some_and(Option::is_some), "node {me} needs its own segment");
         ShmTransport { me, segments, layout }
     }
 
     pub fn segment(&self, node: NodeId) -> Result<&Segment> {
-        self.segments.get(node.index()).ok_or(Error::NodeOutOfRange {
-            node: node.0 as u32,
-            nodes: self.segments.len(),
-            mesh: crate::topology::Mesh3d { dims: [self.segments.len() as u16, 1, 1], wrap: false },
-        })
+        match self.segments.get(node.index()) {
+            Some(Some(segment)) => Ok(segment),
+            Some(None) => Err(Error::Transport {
+                node,
+                reason: format!(
+                    "its segment is on another host, so node {} cannot reach it through shared memory",
+                    self.me
+                ),
+                source: None,
+            }),
+            None => Err(Error::NodeOutOfRange {
+                node: node.0 as u32,
+                nodes: self.segments.len(),
+                mesh: crate::topology::Mesh3d { dims: [self.segments.len() as u16, 1, 1], wrap: false },
+            }),
+        }
     }
 
     /// Adds one operation of `bytes` bytes to `dest` to this node's row.
     #[inline]
     fn count(&self, dest: NodeId, bytes: u64) {
-        let own = &self.segments[self.me.index()];
+        let Some(Some(own)) = self.segments.get(self.me.index()) else { return };
         let at = |offset: u64| {
             // SAFETY: the traffic row lies inside the header of our own
             // segment, which stays mapped while `self` lives; the offsets are
@@ -203,18 +227,18 @@ impl Transport for ShmTransport {
     }
 
     fn local_view(&self, node: NodeId) -> Option<LocalView> {
-        self.segments.get(node.index()).map(|s| LocalView { ptr: s.ptr, len: s.len })
+        self.segments.get(node.index())?.as_ref().map(|s| LocalView { ptr: s.ptr, len: s.len })
     }
 
     fn count_copy(&self, from: NodeId, to: NodeId, bytes: u64) {
-        if from.index() < self.segments.len() && to.index() < self.segments.len() {
+        if self.local_view(from).is_some() && self.local_view(to).is_some() {
             self.count(from, bytes);
             self.count(to, bytes);
         }
     }
 
     fn mappable_fd(&self, node: NodeId) -> Option<std::os::fd::RawFd> {
-        self.segments.get(node.index()).map(|s| s.fd.as_raw_fd())
+        self.segments.get(node.index())?.as_ref().map(|s| s.fd.as_raw_fd())
     }
 }
 

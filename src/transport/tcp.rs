@@ -101,6 +101,15 @@ impl fmt::Debug for Secret {
     }
 }
 
+/// Compares in time that depends on the lengths only, like the MAC checks.
+impl PartialEq for Secret {
+    fn eq(&self, other: &Secret) -> bool {
+        self.0.len() == other.0.len() && self.0.iter().zip(other.0.iter()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+    }
+}
+
+impl Eq for Secret {}
+
 impl Secret {
     /// Wraps `bytes`, which must be at least [`MIN_SECRET_LEN`] long.
     pub fn new(bytes: impl Into<Vec<u8>>) -> Result<Secret> {
