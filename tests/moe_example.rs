@@ -171,3 +171,17 @@ fn external_launcher_sets_the_mesh() {
     assert!(!status.success(), "stdout:\n{out}\nstderr:\n{err}");
     assert!(err.contains("--mesh 2x2x2 differs from the mesh 2x2x1"), "{err}");
 }
+
+#[test]
+fn runs_across_simulated_hosts() {
+    if !nix::unistd::geteuid().is_root() || Command::new("ip").arg("-V").output().is_err() {
+        println!("runs_across_simulated_hosts NOT RUN: it needs root and iproute2 to create network namespaces");
+        return;
+    }
+    let small = ["--batch", "3", "--steps", "1", "--scale", "256"];
+    let (status, out, err) = run_under_launcher(&["--hosts", "2", "--mesh", "2x2x1"], &small);
+    assert!(status.success(), "stdout:\n{out}\nstderr:\n{err}");
+    assert!(out.contains("equal: true"), "{out}");
+    assert!(out.contains("between hosts"), "{out}");
+    assert!(err.contains("tcp between the 2 simulated hosts"), "{err}");
+}

@@ -1295,6 +1295,25 @@ fn print_report(
 
     let summary = TrafficSummary::from_matrix(&mesh, traffic).map_err(NodeError::Invalid)?;
     report::print_traffic("prefill and decode", &summary, traffic);
+
+    // On several hosts, split the same bytes by what carried them.
+    let kinds = pool.stats().context(|| "reading the pool statistics failed".into())?.transport;
+    let (mut within, mut between) = (0u64, 0u64);
+    for (row, kinds) in traffic.iter().zip(&kinds) {
+        for (&bytes, kind) in row.iter().zip(kinds) {
+            match kind {
+                meshmem::transport::TransportKind::Shm => within += bytes,
+                _ => between += bytes,
+            }
+        }
+    }
+    if between > 0 {
+        println!(
+            "by transport: {} inside hosts (shared memory), {} between hosts",
+            format_bytes(within),
+            format_bytes(between)
+        );
+    }
     Ok(())
 }
 
