@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test of the project: unit and property tests, integration
 # tests that start groups of real node processes on the shared-memory
-# backend, the launcher's tests, the examples' tests, and the C ABI's tests
+# backend (and, as root, on simulated hosts joined over TCP), the loom
+# models, the launcher's tests, the examples' tests, and the C ABI's tests
 # (the header check, a C program on four nodes, and the Python and PyTorch
 # tests).
 #
@@ -23,6 +24,9 @@ cargo test --workspace --locked
 
 echo "== example tests"
 cargo test --workspace --examples --locked
+
+echo "== loom models of migration, replication and reclamation"
+scripts/loom.sh
 
 # The RDMA backend builds against libibverbs and librdmacm through rdma-sys,
 # whose build script runs bindgen (libclang). CI installs them; elsewhere a

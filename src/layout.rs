@@ -326,7 +326,9 @@ impl Words {
     #[inline]
     pub fn fetch_add(&self, node: NodeId, offset: u64, value: u64) -> Result<u64> {
         match self.local(node, offset) {
-            Some(word) => Ok(word.fetch_add(value, Ordering::AcqRel)),
+            // SeqCst: a migrator's epoch advance must be ordered with the
+            // operations' counter increments and entry loads.
+            Some(word) => Ok(word.fetch_add(value, Ordering::SeqCst)),
             None => self.transport.fetch_add_u64(node, offset, value),
         }
     }

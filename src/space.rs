@@ -261,8 +261,10 @@ impl PageTable {
         Ok(Pte(self.words.load_seqcst(node, offset)?))
     }
 
-    /// Stores the allocation record, then the entry. Readers that see the new
-    /// entry see the record too.
+    /// Stores the allocation record, then the entry, and clears the page's
+    /// node-valued advice, so that an allocation never inherits the advice
+    /// of an earlier one at the same address. Readers that see the new entry
+    /// see the record too.
     pub fn store(&self, page: u64, pte: Pte, aux: Aux) -> Result<()> {
         let (node, offset) = self.entry_offset(page)?;
         let index = page & (self.layout.arena_pages - 1);
@@ -270,6 +272,8 @@ impl PageTable {
         if self.words.load(node, leaf_word)? == 0 {
             self.words.store(node, leaf_word, 1)?;
         }
+        self.words.store(node, offset + crate::layout::entry::PREFERRED, 0)?;
+        self.words.store(node, offset + crate::layout::entry::ACCESSED_BY, 0)?;
         self.words.store(node, offset + 8, aux.encode())?;
         self.words.store(node, offset, pte.0)
     }
@@ -519,11 +523,32 @@ impl Window {
 
     /// Maps `pages` consecutive pages starting at `page` onto `fd` at
     /// `offset`, shared, read-write or read-only, and records `keys` as
-    /// mapped.
-    pub fn map_run(&self, page: u64, fd: RawFd, offset: u64, keys: &[u64], writable: bool) -> Result<()> {
+    /// mapped. `current` returns a page's mapping key as the page table has
+    /// it now; when any differs from `keys` once the slots are locked (a
+    /// migration or a free moved the page since the caller looked), nothing
+    /// is mapped and the result is `false`, so the caller looks again.
+    pub fn map_run(
+        &self,
+        page: u64,
+        fd: RawFd,
+        offset: u64,
+        keys: &[u64],
+        writable: bool,
+        current: impl Fn(u64) -> Option<u64>,
+    ) -> Result<bool> {
         let addr = self.page_addr(page);
         let len = keys.len() as u64 * self.page_size;
         let previous: Vec<u64> = (0..keys.len() as u64).map(|i| self.lock_slot(page + i)).collect();
+        // Under the locks, a migration's mapping requests wait for us, and
+        // its old frame is not released before they are served. So frames
+        // that are still current here stay valid until the slots show them.
+        let unchanged = keys.iter().enumerate().all(|(i, &key)| current(page + i as u64) == Some(key));
+        if !unchanged {
+            for (i, &key) in previous.iter().enumerate() {
+                self.unlock_slot(page + i as u64, key);
+            }
+            return Ok(false);
+        }
         // SAFETY: the range is inside our own window reservation (the caller
         // translated it from page-table entries of this window), which no
         // other code maps. Replacing it with MAP_FIXED is what the window is
@@ -548,7 +573,7 @@ impl Window {
         for (i, &key) in keys.iter().enumerate() {
             self.unlock_slot(page + i as u64, key);
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Returns `pages` pages starting at `page` to `PROT_NONE` in this process.

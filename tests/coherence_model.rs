@@ -160,16 +160,6 @@ struct Model {
     next_tag: u64,
 }
 
-/// The preferred location each page address had when it was last freed.
-///
-/// NOTE: this models a shortcoming of the pool, not what it documents.
-/// `Pool::free` leaves the preferred-location word of each page's entry as
-/// it was, and `Pool::alloc` does not clear it, so an allocation that gets
-/// the address of a freed page reports that page's `PreferredLocation` and
-/// cannot be migrated anywhere else. Once free or alloc clears the word,
-/// this map goes and new pages start without a preferred location.
-type FreedPreferred = std::collections::HashMap<u64, u16>;
-
 impl Model {
     fn pick(&self, which: usize) -> Option<usize> {
         (!self.allocations.is_empty()).then(|| which % self.allocations.len())
@@ -199,20 +189,18 @@ fn run_model(pool: &Arc<Pool>) {
     // Allocations a failed case left behind; the next case frees them first,
     // so that a shrinking run starts from an empty pool.
     let leftovers = std::cell::RefCell::new(Vec::<Allocation>::new());
-    let freed = std::cell::RefCell::new(FreedPreferred::new());
     let outcome = runner.run(&prop::collection::vec(op(), 1..=25), |ops| {
-        let mut freed = freed.borrow_mut();
         for alloc in leftovers.borrow_mut().drain(..) {
-            free(pool, page, &mut freed, &alloc).ok();
+            pool.free(alloc.addr).ok();
         }
         let mut model = Model { allocations: Vec::new(), next_tag: 1 };
-        let result = run_case(pool, page, &mut model, &mut freed, &ops);
+        let result = run_case(pool, page, &mut model, &ops);
         if result.is_err() {
             leftovers.borrow_mut().append(&mut model.allocations);
             return result;
         }
         for alloc in model.allocations.drain(..) {
-            free(pool, page, &mut freed, &alloc).map_err(|e| TestCaseError::fail(format!("freeing {} at the end: {e}", alloc.addr)))?;
+            pool.free(alloc.addr).map_err(|e| TestCaseError::fail(format!("freeing {} at the end: {e}", alloc.addr)))?;
         }
         check(pool, page, &model)
     });
@@ -224,21 +212,10 @@ fn run_model(pool: &Arc<Pool>) {
     println!("model passed: 24 cases, {moved} bytes moved between nodes");
 }
 
-/// Frees `alloc`, remembering the preferred location of its pages.
-fn free(pool: &Pool, page: usize, freed: &mut FreedPreferred, alloc: &Allocation) -> meshmem::Result<()> {
-    for (index, preferred) in alloc.preferred.iter().enumerate() {
-        match preferred {
-            Some(node) => freed.insert(alloc.page_addr(page, index).0, *node),
-            None => freed.remove(&alloc.page_addr(page, index).0),
-        };
-    }
-    pool.free(alloc.addr)
-}
-
-fn run_case(pool: &Arc<Pool>, page: usize, model: &mut Model, freed: &mut FreedPreferred, ops: &[Op]) -> Result<(), TestCaseError> {
+fn run_case(pool: &Arc<Pool>, page: usize, model: &mut Model, ops: &[Op]) -> Result<(), TestCaseError> {
     check(pool, page, model)?;
     for (step, op) in ops.iter().enumerate() {
-        apply(pool, page, model, freed, op).map_err(|e| TestCaseError::fail(format!("step {step} {op:?}: {e}")))?;
+        apply(pool, page, model, op).map_err(|e| TestCaseError::fail(format!("step {step} {op:?}: {e}")))?;
         check(pool, page, model).map_err(|e| TestCaseError::fail(format!("after step {step} {op:?}: {e}")))?;
     }
     Ok(())
@@ -255,7 +232,7 @@ fn ensure(condition: bool, what: impl FnOnce() -> String) -> Result<(), String> 
 
 /// Carries out `op` on the pool and on the model, checking the outcome the
 /// model predicts.
-fn apply(pool: &Arc<Pool>, page: usize, model: &mut Model, freed: &mut FreedPreferred, op: &Op) -> Result<(), String> {
+fn apply(pool: &Arc<Pool>, page: usize, model: &mut Model, op: &Op) -> Result<(), String> {
     match *op {
         Op::Alloc { pages, node } => {
             let free = free_frames(pool, node);
@@ -273,7 +250,9 @@ fn apply(pool: &Arc<Pool>, page: usize, model: &mut Model, freed: &mut FreedPref
                         addr: alloc.addr,
                         homes: vec![node; pages],
                         read_mostly: false,
-                        preferred: (0..pages).map(|i| freed.get(&alloc.addr.add((i * page) as u64).0).copied()).collect(),
+                        // A new allocation starts without advice, even at
+                        // the address of a freed one that had some.
+                        preferred: vec![None; pages],
                         tag,
                     });
                 }
@@ -288,7 +267,7 @@ fn apply(pool: &Arc<Pool>, page: usize, model: &mut Model, freed: &mut FreedPref
         Op::Free { which } => {
             let Some(i) = model.pick(which) else { return Ok(()) };
             let alloc = model.allocations.remove(i);
-            free(pool, page, freed, &alloc).map_err(|e| format!("free: {e}"))?;
+            pool.free(alloc.addr).map_err(|e| format!("free: {e}"))?;
             // A second free fails and changes nothing.
             ensure(pool.free(alloc.addr).is_err(), || format!("freeing {} twice succeeded", alloc.addr))?;
         }

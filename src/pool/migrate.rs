@@ -421,7 +421,9 @@ impl Pool {
             let previous = words.fetch_add(node, hdr::EPOCH, 1)?;
             let counter = if previous % 2 == 0 { hdr::ACTIVE_EVEN } else { hdr::ACTIVE_ODD };
             let deadline = Instant::now() + NODE_TIMEOUT;
-            while words.load(node, counter)? != 0 && self.node_alive(node) {
+            // SeqCst, like the epoch advance above and the operation's
+            // increment and entry load in `enter` and `for_each_piece`.
+            while words.load_seqcst(node, counter)? != 0 && self.node_alive(node) {
                 if Instant::now() > deadline {
                     return Err(Error::Transport {
                         node,
@@ -469,7 +471,7 @@ impl Pool {
         let replicas = crate::replica::ReplicaTable::new(&self.heap.words, &self.layout, target);
         for page in first..first + pages {
             let _guard = enter(&self.heap.words, self.me);
-            let pte = self.heap.table.load_pte(page)?;
+            let pte = self.heap.table.load_pte_seqcst(page)?;
             if pte.home() == target || pte.is_migrating() {
                 continue;
             }

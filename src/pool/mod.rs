@@ -401,7 +401,7 @@ impl Pool {
     #[inline]
     fn translate(&self, addr: u64) -> Result<(NodeId, u64, Pte)> {
         let page = self.window.page_of(addr);
-        let pte = self.heap.table.load_pte(page)?;
+        let pte = self.heap.table.load_pte_seqcst(page)?;
         if !pte.is_valid() || pte.is_migrating() {
             return Err(Error::InvalidAddress {
                 addr,
@@ -432,7 +432,9 @@ impl Pool {
             let in_page = (page_size - at % page_size).min((len - done) as u64) as usize;
             let guard = migrate::enter(&self.heap.words, self.me);
             let page = self.window.page_of(at);
-            let pte = self.heap.table.load_pte(page)?;
+            // SeqCst: pairs with the migrator's mark and epoch advance (see
+            // `migrate::enter`).
+            let pte = self.heap.table.load_pte_seqcst(page)?;
             if pte.is_migrating() {
                 drop(guard);
                 migrate::wait_while_migrating(self, page)?;
@@ -538,7 +540,7 @@ impl Pool {
         loop {
             let guard = migrate::enter(&self.heap.words, self.me);
             let page = self.window.page_of(addr.0);
-            if self.heap.table.load_pte(page)?.is_migrating() {
+            if self.heap.table.load_pte_seqcst(page)?.is_migrating() {
                 drop(guard);
                 migrate::wait_while_migrating(self, page)?;
                 continue;
@@ -670,7 +672,11 @@ impl Pool {
             // Read-mostly pages are mapped read-only, so that a store through
             // a raw pointer faults rather than bypass replica invalidation.
             let writable = pte.advice() & crate::coherence::bits::READ_MOSTLY == 0;
-            self.window.map_run(page, fd, self.layout.frame_offset(pte.frame()), &keys, writable)?;
+            let table = &self.heap.table;
+            let current = |p: u64| table.load_pte_seqcst(p).ok().map(|now| now.mapping_key());
+            if !self.window.map_run(page, fd, self.layout.frame_offset(pte.frame()), &keys, writable, current)? {
+                continue;
+            }
             // Check the entries again. A migration that marked a page after
             // the loads above may have missed this mapping when it
             // write-protected the page, so protect it here (the slot locks
