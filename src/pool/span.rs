@@ -101,7 +101,7 @@ pub(super) fn join(resolved: &Resolved, config: &HostsConfig, allgather: Option<
         segments: vec![Served::segment(own.clone())],
         timeouts: Timeouts::default(),
     })?;
-    let mut rdma = open_rdma(me, &own, size, preference);
+    let mut rdma = open_rdma(me, &own, layout, preference);
 
     // Phase 2.
     let mut window = match me.0 {
@@ -261,13 +261,13 @@ fn gather_through(
 /// Phase 1's RDMA part: opens the device and prepares a queue pair per
 /// peer, or logs at debug level why this node goes without RDMA.
 #[cfg(feature = "rdma")]
-fn open_rdma(me: NodeId, own: &Arc<Segment>, nodes: usize, preference: Preference) -> Option<Rdma> {
+fn open_rdma(me: NodeId, own: &Arc<Segment>, layout: SegmentLayout, preference: Preference) -> Option<Rdma> {
     if let Preference::Force(kind @ (TransportKind::Tcp | TransportKind::Shm)) = preference {
         tracing::debug!(node = %me, "RDMA not used: {} = `{kind}`", select::TRANSPORT_ENV);
         return None;
     }
-    match Rdma::for_segment(me, own.clone(), nodes) {
-        Ok(transport) => Some(transport),
+    match Rdma::for_segment(me, own.clone(), layout.nodes as usize) {
+        Ok(transport) => Some(transport.with_counters(layout)),
         Err(e) => {
             tracing::debug!(node = %me, error = %e, "RDMA not used: no usable RDMA device; other hosts are reached over TCP");
             None
@@ -276,7 +276,7 @@ fn open_rdma(me: NodeId, own: &Arc<Segment>, nodes: usize, preference: Preferenc
 }
 
 #[cfg(not(feature = "rdma"))]
-fn open_rdma(me: NodeId, _own: &Arc<Segment>, _nodes: usize, _preference: Preference) -> Option<Rdma> {
+fn open_rdma(me: NodeId, _own: &Arc<Segment>, _layout: SegmentLayout, _preference: Preference) -> Option<Rdma> {
     tracing::debug!(node = %me, "RDMA not used: this build lacks the `rdma` feature; other hosts are reached over TCP");
     None
 }

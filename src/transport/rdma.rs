@@ -31,6 +31,7 @@
 use std::ffi::CStr;
 use std::fmt;
 use std::ptr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -39,6 +40,7 @@ use rdma_sys::*;
 
 use crate::error::{Error, Result};
 use crate::topology::NodeId;
+use crate::layout::SegmentLayout;
 use crate::transport::shm::Segment;
 use crate::transport::{check_bounds, LocalView, Transport, TransportKind};
 
@@ -839,9 +841,12 @@ pub struct RdmaTransport {
     links: Vec<Option<Mutex<Link>>>,
     /// Queue pairs created for each peer, waiting for `connect`.
     pending: Mutex<Vec<Option<QueuePair>>>,
+    /// The layout of `segment`, whose traffic row counts this node's
+    /// operations; `None` counts nothing.
+    counters: Option<SegmentLayout>,
     /// The segment `own` registers, when the transport owns it. Declared
     /// last, so it is unmapped only after `own` is deregistered.
-    _segment: Option<Arc<Segment>>,
+    segment: Option<Arc<Segment>>,
 }
 
 impl fmt::Debug for RdmaTransport {
@@ -886,7 +891,8 @@ impl RdmaTransport {
             own,
             links: (0..nodes).map(|_| None).collect(),
             pending: Mutex::new(pending),
-            _segment: None,
+            counters: None,
+            segment: None,
         })
     }
 
@@ -905,8 +911,29 @@ impl RdmaTransport {
         // SAFETY: the transport keeps an `Arc` of the segment, which stays
         // mapped until the transport (and with it the region) is dropped.
         let mut transport = unsafe { RdmaTransport::new(device, segment.as_ptr(), len, nodes, &peers) }?;
-        transport._segment = Some(segment);
+        transport.segment = Some(segment);
         Ok(transport)
+    }
+
+    /// Counts every operation in the traffic row of the segment that
+    /// [`for_segment`](Self::for_segment) registered, as the other backends
+    /// do. A transport made by [`new`](Self::new) counts nothing.
+    pub fn with_counters(mut self, layout: SegmentLayout) -> Self {
+        self.counters = Some(layout);
+        self
+    }
+
+    fn count(&self, dest: NodeId, bytes: u64) {
+        let (Some(own), Some(layout)) = (&self.segment, &self.counters) else { return };
+        let word = |offset: u64| {
+            // SAFETY: the traffic row lies in the header of our own segment,
+            // which `self` keeps mapped; the words are 8-byte aligned and
+            // only touched atomically.
+            unsafe { &*(own.as_ptr().add(offset as usize) as *const AtomicU64) }
+        };
+        // Relaxed: counters are statistics, read without ordering.
+        word(layout.traffic_bytes(dest)).fetch_add(bytes, Ordering::Relaxed);
+        word(layout.traffic_ops(dest)).fetch_add(1, Ordering::Relaxed);
     }
 
     /// Returns the endpoint to publish through the rendezvous.
@@ -1000,6 +1027,7 @@ impl RdmaTransport {
         }
         let mut previous = 0;
         self.run(node, op, offset, 8, |_| {}, |b| previous = u64::from_ne_bytes(b.try_into().unwrap_or_default()))?;
+        self.count(node, 8);
         Ok(previous)
     }
 }
@@ -1033,6 +1061,7 @@ impl Transport for RdmaTransport {
             let len = chunk.len();
             self.run(node, RemoteOp::Read, at, len, |_| {}, |b| chunk.copy_from_slice(b))?;
         }
+        self.count(node, dst.len() as u64);
         Ok(())
     }
 
@@ -1041,6 +1070,7 @@ impl Transport for RdmaTransport {
             let at = offset + (i * BOUNCE_LEN) as u64;
             self.run(node, RemoteOp::Write, at, chunk.len(), |b| b.copy_from_slice(chunk), |_| {})?;
         }
+        self.count(node, src.len() as u64);
         Ok(())
     }
 
