@@ -268,6 +268,11 @@ fn open_rdma(me: NodeId, own: &Arc<Segment>, layout: SegmentLayout, preference: 
     }
     match Rdma::for_segment(me, own.clone(), layout.nodes as usize) {
         Ok(transport) => Some(transport.with_counters(layout)),
+        // A forced `rdma` fails the join, so the reason must be visible.
+        Err(e) if preference == Preference::Force(TransportKind::Rdma) => {
+            tracing::warn!(node = %me, error = %e, "{} = `rdma`, but this node has no usable RDMA device", select::TRANSPORT_ENV);
+            None
+        }
         Err(e) => {
             tracing::debug!(node = %me, error = %e, "RDMA not used: no usable RDMA device; other hosts are reached over TCP");
             None
