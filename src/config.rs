@@ -18,7 +18,9 @@
 //! | `MESHMEM_JOIN_TIMEOUT_MS` | how long `join` waits for the group | 60000 |
 //!
 //! A group spans hosts when `MESHMEM_SECRET` is set. Node 0's rendezvous
-//! then listens at `MASTER_ADDR:MASTER_PORT`, which are both required. Each
+//! then listens at `MASTER_ADDR:MASTER_PORT`, which are both required,
+//! unless the nodes join through an all-gather callback
+//! (`Pool::join_with_allgather`), which needs neither. Each
 //! node serves its segment over TCP on `MESHMEM_HOST_ADDR`, 127.0.0.1 by
 //! default, which only reaches nodes of the same machine, so set it to an
 //! address that the other hosts can reach.
@@ -75,8 +77,9 @@ pub struct Config {
 #[cfg(feature = "tcp")]
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HostsConfig {
-    /// Node 0's rendezvous: `MASTER_ADDR:MASTER_PORT`.
-    pub master: std::net::SocketAddr,
+    /// Node 0's rendezvous: `MASTER_ADDR:MASTER_PORT`. `None` when both are
+    /// unset, which only a join through an all-gather callback accepts.
+    pub master: Option<std::net::SocketAddr>,
     /// The address this node's TCP server listens on; other hosts reach the
     /// node's segment there.
     pub host_addr: std::net::IpAddr,
@@ -93,18 +96,26 @@ impl HostsConfig {
         use std::net::ToSocketAddrs;
 
         let Some(secret) = crate::transport::tcp::Secret::from_env()? else { return Ok(None) };
-        let need = |name: &'static str| {
-            env(name).ok_or_else(|| {
-                invalid(name, "unset", "MESHMEM_SECRET is set, so the group spans hosts; set MASTER_ADDR and MASTER_PORT to node 0's address and a free port")
-            })
+        let master = match (env("MASTER_ADDR"), env("MASTER_PORT")) {
+            (None, None) => None,
+            (Some(addr), Some(port)) => {
+                let port: u16 = port.trim().parse().map_err(|_| invalid("MASTER_PORT", &port, "not a port number"))?;
+                let master = (addr.trim(), port)
+                    .to_socket_addrs()
+                    .ok()
+                    .and_then(|mut addrs| addrs.next())
+                    .ok_or_else(|| invalid("MASTER_ADDR", &addr, "not an address or a name that resolves"))?;
+                Some(master)
+            }
+            (addr, _) => {
+                let (name, other) = if addr.is_some() { ("MASTER_PORT", "MASTER_ADDR") } else { ("MASTER_ADDR", "MASTER_PORT") };
+                return Err(invalid(
+                    name,
+                    "unset",
+                    format!("{other} is set and MESHMEM_SECRET too, so the group spans hosts; set MASTER_ADDR and MASTER_PORT to node 0's address and a free port"),
+                ));
+            }
         };
-        let (addr, port) = (need("MASTER_ADDR")?, need("MASTER_PORT")?);
-        let port: u16 = port.trim().parse().map_err(|_| invalid("MASTER_PORT", &port, "not a port number"))?;
-        let master = (addr.trim(), port)
-            .to_socket_addrs()
-            .ok()
-            .and_then(|mut addrs| addrs.next())
-            .ok_or_else(|| invalid("MASTER_ADDR", &addr, "not an address or a name that resolves"))?;
         let host_addr = match env("MESHMEM_HOST_ADDR") {
             Some(text) => text
                 .trim()

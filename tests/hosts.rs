@@ -20,6 +20,8 @@ use meshmem::{Config, GlobalAddr, NodeId, Placement, Pool};
 const SCENARIO: &str = "MESHMEM_TEST_SCENARIO";
 const SECRET: &str = "simulated hosts test secret";
 const MASTER_PORT: u16 = 29411;
+/// The directory the callback scenario's all-gather goes through.
+const GATHER_DIR: &str = "MESHMEM_TEST_GATHER_DIR";
 
 /// Returns why simulated hosts cannot run here, if they cannot.
 fn unavailable() -> Option<&'static str> {
@@ -85,7 +87,11 @@ fn run_group(scenario: &str, hosts: usize, nodes: usize, mesh: &str, extra: impl
             .stdout(file.try_clone().expect("duplicate the log"))
             .stderr(file);
         for (key, value) in extra(rank) {
-            command.env(key, value);
+            // An empty value removes the variable.
+            match value.is_empty() {
+                true => command.env_remove(key),
+                false => command.env(key, value),
+            };
         }
         children.0.push(command.spawn().expect("start a node process"));
     }
@@ -119,7 +125,14 @@ fn report(outcomes: &[Outcome]) -> String {
 #[test]
 fn node_process() {
     match std::env::var(SCENARIO).as_deref() {
-        Ok("full") => full_node(),
+        Ok("full") => full_node(Pool::join_from_env().expect("join the group across hosts")),
+        Ok("callback") => {
+            let config = Config::from_env().expect("read the configuration");
+            let dir = PathBuf::from(std::env::var(GATHER_DIR).expect("the all-gather directory"));
+            let pool = Pool::join_with_allgather(config, |mine| gather_through_files(&dir, mine))
+                .unwrap_or_else(|e| panic!("join through the callback failed: {e}"));
+            full_node(pool);
+        }
         Ok("join") => {
             // Print the error as a caller sees it, not its Debug form.
             let pool = Pool::join_from_env().unwrap_or_else(|e| panic!("join failed: {e}"));
@@ -129,10 +142,34 @@ fn node_process() {
     }
 }
 
+/// Gathers every node's bytes through files in `dir`, which every simulated
+/// host can read. Each node writes a file named by its rank, then waits for
+/// all of them.
+fn gather_through_files(dir: &std::path::Path, mine: &[u8]) -> Result<Vec<Vec<u8>>, String> {
+    let rank: usize = std::env::var("RANK").map_err(|e| e.to_string())?.parse().map_err(|e| format!("RANK: {e}"))?;
+    let size: usize = std::env::var("WORLD_SIZE").map_err(|e| e.to_string())?.parse().map_err(|e| format!("WORLD_SIZE: {e}"))?;
+    let partial = dir.join(format!("{rank}.partial"));
+    std::fs::write(&partial, mine).map_err(|e| format!("writing {}: {e}", partial.display()))?;
+    std::fs::rename(&partial, dir.join(rank.to_string())).map_err(|e| format!("renaming {}: {e}", partial.display()))?;
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut gathered = Vec::with_capacity(size);
+    for node in 0..size {
+        let path = dir.join(node.to_string());
+        while !path.exists() {
+            if Instant::now() > deadline {
+                return Err(format!("node {node}'s bytes did not appear in {} within 20 s", dir.display()));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        gathered.push(std::fs::read(&path).map_err(|e| format!("reading {}: {e}", path.display()))?);
+    }
+    Ok(gathered)
+}
+
 /// Allocates on every node, reads and writes across hosts, runs remote
 /// atomics and a barrier, migrates a page across hosts, and frees.
-fn full_node() {
-    let pool = Pool::join_from_env().expect("join the group across hosts");
+fn full_node(pool: Pool) {
     pool.install_fault_handler().expect("install the fault handler with nodes on another host");
     let me = pool.node();
     let n = pool.size();
@@ -234,6 +271,25 @@ fn group_spans_two_hosts() {
 }
 
 #[test]
+fn callback_joins_across_hosts() {
+    if let Some(reason) = unavailable() {
+        eprintln!("callback_joins_across_hosts NOT RUN: {reason}");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("meshmem-hosts-gather-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("create the all-gather directory");
+    let outcomes = run_group("callback", 2, 4, "2x2x1", |_| {
+        vec![("MASTER_ADDR", String::new()), ("MASTER_PORT", String::new()), (GATHER_DIR, dir.display().to_string())]
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(outcomes.iter().all(|o| o.success), "{}", report(&outcomes));
+    for (rank, outcome) in outcomes.iter().enumerate() {
+        assert!(outcome.output.contains(&format!("node {rank} done")), "{}", report(&outcomes));
+    }
+    assert!(!report(&outcomes).contains(SECRET), "a node printed the secret");
+}
+
+#[test]
 fn wrong_secret_is_rejected() {
     if let Some(reason) = unavailable() {
         eprintln!("wrong_secret_is_rejected NOT RUN: {reason}");
@@ -280,7 +336,7 @@ fn master_port_in_use_is_reported() {
         window_size: 1 << 30,
         group: Some(format!("hosts-port-{}", std::process::id())),
         hosts: Some(HostsConfig {
-            master: SocketAddr::new(master.ip(), master.port()),
+            master: Some(SocketAddr::new(master.ip(), master.port())),
             host_addr: IpAddr::V4(Ipv4Addr::LOCALHOST),
             secret: Secret::new(SECRET.as_bytes().to_vec()).expect("a valid secret"),
         }),
@@ -289,6 +345,40 @@ fn master_port_in_use_is_reported() {
     let err = Pool::join(config).expect_err("the port is taken").to_string();
     assert!(err.contains(&master.to_string()), "{err}");
     assert!(err.contains("pick a free MASTER_PORT"), "{err}");
+}
+
+/// Joins a one-node group that spans hosts, on loopback, through `allgather`.
+fn join_alone(allgather: impl FnMut(&[u8]) -> Result<Vec<Vec<u8>>, String>) -> meshmem::Result<Pool> {
+    let config = Config {
+        rank: Some(0),
+        size: Some(1),
+        page_size: 64 << 10,
+        node_capacity: 1 << 20,
+        window_size: 1 << 30,
+        group: Some(format!("hosts-alone-{}", std::process::id())),
+        hosts: Some(HostsConfig {
+            master: None,
+            host_addr: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            secret: Secret::new(SECRET.as_bytes().to_vec()).expect("a valid secret"),
+        }),
+        ..Config::default()
+    };
+    Pool::join_with_allgather(config, allgather)
+}
+
+#[test]
+fn callback_errors_fail_the_join() {
+    let err = join_alone(|_| Err("the MPI communicator is gone".into())).expect_err("the callback failed").to_string();
+    assert!(err.contains("the all-gather callback failed: the MPI communicator is gone"), "{err}");
+
+    let err = join_alone(|mine| Ok(vec![mine.to_vec(), mine.to_vec()])).expect_err("two descriptors for one node");
+    assert!(err.to_string().contains("returned 2 descriptors for a group of 1"), "{err}");
+
+    let err = join_alone(|mine| Ok(vec![mine[..mine.len() / 2].to_vec()])).expect_err("a cut descriptor");
+    assert!(err.to_string().contains("node 0's descriptor is malformed"), "{err}");
+
+    let pool = join_alone(|mine| Ok(vec![mine.to_vec()])).expect("join a group of one through the callback");
+    pool.barrier().expect("a barrier over the star");
 }
 
 #[test]

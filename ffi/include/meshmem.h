@@ -498,6 +498,14 @@ enum meshmem_status meshmem_join(const struct meshmem_options *options, struct m
  the nodes still meet on this host's abstract Unix socket named by that
  id, and that meeting agrees on the window base.
 
+ When `MESHMEM_SECRET` is set, the group spans hosts and the callback
+ carries the multi-host descriptors instead, in two calls (every node's
+ length as 8 bytes, then every node's descriptor padded to the longest),
+ with no rendezvous server at `MASTER_ADDR:MASTER_PORT`. Node 0 listens
+ on an ephemeral port of `MESHMEM_HOST_ADDR` for the connections that
+ carry the collectives. Nodes of one host still meet on its abstract
+ socket.
+
  # Safety
 
  As for [`meshmem_join`]; `allgather` is a function that behaves as

@@ -24,6 +24,16 @@
 //! catches configuration mismatches and nodes on different hosts before any
 //! node waits on the socket.
 //!
+//! When the group spans hosts (`MESHMEM_SECRET` is set), the callback
+//! instead carries the multi-host descriptors of
+//! `Pool::join_with_allgather`, and no rendezvous server is started at
+//! `MASTER_ADDR:MASTER_PORT`, which need not be set. The descriptors vary in
+//! length, so the callback is called twice: once with every node's length
+//! (8 bytes), then with every node's descriptor padded to the longest.
+//! Node 0 listens on an ephemeral port of `MESHMEM_HOST_ADDR` for the
+//! authenticated connections that carry the group's collectives, and its
+//! descriptor names that port.
+//!
 //! [`meshmem_leave`] ends the handle. Buffers still hold the pool's mapping
 //! until they are released, so memory they view stays valid.
 
@@ -158,6 +168,14 @@ pub unsafe extern "C" fn meshmem_join(options: *const meshmem_options, pool: *mu
 /// the nodes still meet on this host's abstract Unix socket named by that
 /// id, and that meeting agrees on the window base.
 ///
+/// When `MESHMEM_SECRET` is set, the group spans hosts and the callback
+/// carries the multi-host descriptors instead, in two calls (every node's
+/// length as 8 bytes, then every node's descriptor padded to the longest),
+/// with no rendezvous server at `MASTER_ADDR:MASTER_PORT`. Node 0 listens
+/// on an ephemeral port of `MESHMEM_HOST_ADDR` for the connections that
+/// carry the collectives. Nodes of one host still meet on its abstract
+/// socket.
+///
 /// # Safety
 ///
 /// As for [`meshmem_join`]; `allgather` is a function that behaves as
@@ -176,6 +194,11 @@ pub unsafe extern "C" fn meshmem_join_with_allgather(
         // SAFETY: the caller promises `options` is null or valid.
         let mut config = unsafe { config(options) }?;
         let descriptor = Descriptor::of(&config)?;
+        if config.hosts.is_some() {
+            // SAFETY: the caller vouches for `allgather` and `user`.
+            *pool = register(unsafe { join_across_hosts(config, descriptor, allgather, user) }?);
+            return Ok(());
+        }
         let mut gathered = vec![0u8; MESHMEM_JOIN_DESCRIPTOR_LEN * descriptor.size as usize];
         let sent = descriptor.encode();
         // SAFETY: `sent` holds `len` bytes and `gathered` `len * size`, as
@@ -187,6 +210,64 @@ pub unsafe extern "C" fn meshmem_join_with_allgather(
         config.group = Some(descriptor.agree(&gathered)?);
         *pool = register(Pool::join(config)?);
         Ok(())
+    })
+}
+
+/// Most bytes one node may pass through the all-gather when the group spans
+/// hosts; the same limit as the TCP rendezvous's messages.
+const MAX_GATHERED: usize = 16 << 20;
+
+/// Joins a group that spans hosts through the caller's all-gather, which
+/// carries the descriptors of [`Pool::join_with_allgather`] in two calls:
+/// first every node's length as 8 little-endian bytes, then every node's
+/// bytes padded with zeros to the longest.
+///
+/// # Safety
+///
+/// `allgather` follows the contract of [`meshmem_allgather_fn`] when called
+/// with `user`.
+unsafe fn join_across_hosts(
+    mut config: Config,
+    descriptor: Descriptor,
+    allgather: unsafe extern "C" fn(*mut c_void, *const c_void, usize, *mut c_void) -> i32,
+    user: *mut c_void,
+) -> Outcome<Pool> {
+    // Node 0's group id names every host's one-host rendezvous, so a fresh
+    // one keeps concurrent groups apart.
+    config.group.get_or_insert(descriptor.group);
+    let size = descriptor.size as usize;
+    let failed_code = std::cell::Cell::new(None);
+    let call = |send: &[u8]| -> Result<Vec<u8>, String> {
+        let mut recv = vec![0u8; send.len() * size];
+        // SAFETY: `send` contains `len` bytes and `recv` has room for
+        // `len * size`, as the callback's contract requires. The caller
+        // vouches for the function.
+        let code = unsafe { allgather(user, send.as_ptr().cast(), send.len(), recv.as_mut_ptr().cast()) };
+        if code != 0 {
+            failed_code.set(Some(code));
+            return Err(format!("it returned {code}"));
+        }
+        Ok(recv)
+    };
+    let gather = |mine: &[u8]| -> Result<Vec<Vec<u8>>, String> {
+        let lengths = call(&(mine.len() as u64).to_le_bytes())?;
+        let lengths: Vec<usize> = lengths
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()))
+            .map(|n| usize::try_from(n).ok().filter(|&n| n > 0 && n <= MAX_GATHERED))
+            .enumerate()
+            .map(|(node, n)| n.ok_or_else(|| format!("it returned an invalid length for node {node}; it must gather in rank order")))
+            .collect::<Result<_, _>>()?;
+        let longest = lengths.iter().copied().max().unwrap_or(mine.len());
+
+        let mut padded = mine.to_vec();
+        padded.resize(longest, 0);
+        let gathered = call(&padded)?;
+        Ok(gathered.chunks_exact(longest).zip(&lengths).map(|(bytes, &len)| bytes[..len].to_vec()).collect())
+    };
+    Pool::join_with_allgather(config, gather).map_err(|e| match failed_code.get() {
+        Some(code) => Failure::new(MESHMEM_ERR_CALLBACK, format!("the all-gather callback returned {code}; the join failed")),
+        None => e.into(),
     })
 }
 
@@ -430,4 +511,180 @@ fn host_name() -> String {
     }
     let end = name.iter().position(|&b| b == 0).unwrap_or(name.len());
     String::from_utf8_lossy(&name[..end]).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::{Path, PathBuf};
+    use std::process::{Child, Stdio};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Instant;
+
+    use meshmem_core::launch::netns::SimulatedHosts;
+    use meshmem_core::Placement;
+
+    const SCENARIO: &str = "MESHMEM_FFI_TEST_SCENARIO";
+    const GATHER_DIR: &str = "MESHMEM_FFI_TEST_GATHER_DIR";
+    const SECRET: &str = "ffi simulated hosts test secret";
+
+    /// Calls of the callback so far in this process; each call is a round.
+    static ROUND: AtomicUsize = AtomicUsize::new(0);
+
+    fn env_usize(name: &str) -> Option<usize> {
+        std::env::var(name).ok()?.parse().ok()
+    }
+
+    /// Gathers one round through files in `dir`: writes this node's bytes,
+    /// then waits for every node's. Returns `None` on any failure.
+    fn gather_round(dir: &Path, round: usize, mine: &[u8]) -> Option<Vec<u8>> {
+        let (rank, size) = (env_usize("RANK")?, env_usize("WORLD_SIZE")?);
+        let partial = dir.join(format!("{round}-{rank}.partial"));
+        std::fs::write(&partial, mine).ok()?;
+        std::fs::rename(&partial, dir.join(format!("{round}-{rank}"))).ok()?;
+
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut gathered = Vec::with_capacity(mine.len() * size);
+        for node in 0..size {
+            let path = dir.join(format!("{round}-{node}"));
+            while !path.exists() {
+                if Instant::now() > deadline {
+                    return None;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            gathered.extend(std::fs::read(&path).ok()?);
+        }
+        Some(gathered)
+    }
+
+    /// A `meshmem_allgather_fn` over files in the directory `GATHER_DIR`.
+    unsafe extern "C" fn gather_through_files(_user: *mut c_void, send: *const c_void, len: usize, recv: *mut c_void) -> i32 {
+        let round = ROUND.fetch_add(1, Ordering::Relaxed);
+        let Some(dir) = std::env::var_os(GATHER_DIR) else { return 1 };
+        // SAFETY: the library passes `len` readable bytes at `send`.
+        let mine = unsafe { std::slice::from_raw_parts(send.cast::<u8>(), len) };
+        let Some(gathered) = gather_round(Path::new(&dir), round, mine) else { return 2 };
+        let Some(size) = env_usize("WORLD_SIZE") else { return 1 };
+        if gathered.len() != len * size {
+            return 3;
+        }
+        // SAFETY: the library passes `len * size` writable bytes at `recv`.
+        unsafe { std::ptr::copy_nonoverlapping(gathered.as_ptr(), recv.cast::<u8>(), gathered.len()) };
+        0
+    }
+
+    /// The body of every node process of `callback_joins_across_hosts`.
+    #[test]
+    fn node_process() {
+        if std::env::var(SCENARIO).as_deref() != Ok("callback") {
+            return;
+        }
+        let mut handle = meshmem_pool::default();
+        // SAFETY: null options, a valid callback, and a writable handle.
+        let status =
+            unsafe { meshmem_join_with_allgather(std::ptr::null(), Some(gather_through_files), std::ptr::null_mut(), &mut handle) };
+        // SAFETY: the message is a NUL-terminated string of this thread.
+        let message = unsafe { CStr::from_ptr(crate::meshmem_last_error_message()) }.to_string_lossy().into_owned();
+        assert_eq!(status, MESHMEM_OK, "join failed: {message}");
+        let Ok(pool) = pool(handle) else { panic!("the joined handle is not registered") };
+
+        let me = pool.node();
+        let mine = pool.alloc_slice::<u64>(1, Placement::Node(me)).expect("allocate on this node");
+        pool.write_slice(mine.addr(), &[100 + me.0 as u64]).expect("write this node's value");
+        let addrs = pool.all_gather(&mine.addr().0.to_le_bytes()).expect("gather the allocations");
+        pool.barrier().expect("barrier after the writes");
+        for (node, bytes) in addrs.iter().enumerate() {
+            let addr = meshmem_core::GlobalAddr(u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")));
+            let mut value = [0u64];
+            pool.read_slice(addr, &mut value).expect("read every node's value");
+            assert_eq!(value[0], 100 + node as u64, "node {node}'s value");
+        }
+        pool.barrier().expect("barrier after the reads");
+        println!("node {me} done");
+        drop(pool);
+        assert_eq!(meshmem_leave(handle), MESHMEM_OK);
+    }
+
+    /// Kills and reaps the children it holds when dropped.
+    struct Children(Vec<Child>);
+
+    impl Drop for Children {
+        fn drop(&mut self) {
+            for child in &mut self.0 {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+
+    /// Runs 4 nodes on 2 simulated hosts (network namespaces) that join
+    /// through `meshmem_join_with_allgather` with no `MASTER_ADDR` or
+    /// `MASTER_PORT`, and read each other's memory.
+    #[test]
+    fn callback_joins_across_hosts() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("callback_joins_across_hosts NOT RUN: creating network namespaces needs root");
+            return;
+        }
+        let ip = std::process::Command::new("ip").arg("-V").stdout(Stdio::null()).stderr(Stdio::null()).status();
+        if !ip.is_ok_and(|s| s.success()) {
+            eprintln!("callback_joins_across_hosts NOT RUN: `ip` (iproute2) is not installed");
+            return;
+        }
+
+        let dir = std::env::temp_dir().join(format!("meshmem-ffi-gather-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("create the all-gather directory");
+        let log = |rank: usize| -> PathBuf { dir.join(format!("node-{rank}.log")) };
+        let set = SimulatedHosts::create(2).expect("create the simulated hosts");
+        let exe = std::env::current_exe().expect("the test binary's path");
+        let mut children = Children(Vec::new());
+        for rank in 0..4 {
+            let host = rank / 2;
+            let file = std::fs::File::create(log(rank)).expect("create a node's log");
+            let mut command = set.command(host, &exe);
+            command
+                .args(["--exact", "join::tests::node_process", "--nocapture", "--test-threads=1"])
+                .env(SCENARIO, "callback")
+                .env(GATHER_DIR, &dir)
+                .env("RANK", rank.to_string())
+                .env("WORLD_SIZE", "4")
+                .env("MESHMEM_MESH", "2x2x1")
+                .env("MESHMEM_PAGE_SIZE", "64K")
+                .env("MESHMEM_NODE_CAPACITY", "4M")
+                .env("MESHMEM_WINDOW_SIZE", "1G")
+                .env("MESHMEM_JOIN_TIMEOUT_MS", "10000")
+                .env("MESHMEM_SECRET", SECRET)
+                .env("MESHMEM_HOST_ADDR", set.address(host).to_string())
+                .env_remove("MASTER_ADDR")
+                .env_remove("MASTER_PORT")
+                .env_remove("MESHMEM_GROUP")
+                .stdin(Stdio::null())
+                .stdout(file.try_clone().expect("duplicate the log"))
+                .stderr(file);
+            children.0.push(command.spawn().expect("start a node process"));
+        }
+
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut statuses = vec![None; 4];
+        while statuses.iter().any(Option::is_none) && Instant::now() < deadline {
+            for (child, status) in children.0.iter_mut().zip(statuses.iter_mut()) {
+                if status.is_none() {
+                    *status = child.try_wait().expect("wait for a node");
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        drop(children);
+        drop(set);
+        let outputs: Vec<String> = (0..4).map(|rank| std::fs::read_to_string(log(rank)).unwrap_or_default()).collect();
+        let _ = std::fs::remove_dir_all(&dir);
+        let report: String = outputs.iter().enumerate().map(|(rank, o)| format!("--- node {rank}:\n{o}\n")).collect();
+        for (rank, status) in statuses.iter().enumerate() {
+            assert!(status.is_some_and(|s| s.success()), "node {rank} failed:\n{report}");
+            assert!(outputs[rank].contains(&format!("node {rank} done")), "{report}");
+        }
+        assert!(!report.contains(SECRET), "a node printed the secret");
+    }
 }

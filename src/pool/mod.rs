@@ -202,7 +202,7 @@ impl Pool {
         let resolved = config.resolve()?;
         #[cfg(feature = "tcp")]
         if let Some(hosts) = resolved.hosts.clone() {
-            return Pool::assemble(span::join(&resolved, &hosts)?);
+            return Pool::assemble(span::join(&resolved, &hosts, None)?);
         }
         let me = NodeId(resolved.rank);
         let nodes = resolved.size as u64;
@@ -263,6 +263,33 @@ impl Pool {
             window,
             pids: joined.pids,
         })
+    }
+
+    /// Joins as [`join`](Self::join) does, except that a group that spans
+    /// hosts (`config.hosts` is set) gathers its node descriptors through
+    /// `allgather` instead of the rendezvous at `MASTER_ADDR:MASTER_PORT`,
+    /// which is then neither started nor needed. `allgather` receives this
+    /// node's bytes and returns every node's bytes in rank order, as
+    /// `MPI_Allgatherv` or `torch.distributed.all_gather_object` do. It is
+    /// called once, and an `Err` fails the join with its message.
+    ///
+    /// Node 0 still accepts one authenticated TCP connection from every
+    /// other node, on an ephemeral port of its `MESHMEM_HOST_ADDR` that its
+    /// descriptor names. These connections carry the group's collectives,
+    /// as the rendezvous connections do in [`join`](Self::join).
+    ///
+    /// On one host (`config.hosts` is `None`) `allgather` is not called and
+    /// the join is [`join`](Self::join)'s.
+    #[cfg(feature = "tcp")]
+    pub fn join_with_allgather(
+        config: Config,
+        mut allgather: impl FnMut(&[u8]) -> std::result::Result<Vec<Vec<u8>>, String>,
+    ) -> Result<Pool> {
+        let resolved = config.resolve()?;
+        match resolved.hosts.clone() {
+            Some(hosts) => Pool::assemble(span::join(&resolved, &hosts, Some(&mut allgather))?),
+            None => Pool::join(config),
+        }
     }
 
     /// Checks every node's segment and starts this node's services over the

@@ -55,6 +55,15 @@ pub struct Descriptor {
     pub rdma: Option<Vec<u8>>,
     /// The window base; set by node 0 only.
     pub window_base: Option<u64>,
+    /// The group id every host's one-host rendezvous is named after; set by
+    /// node 0 only.
+    #[serde(default)]
+    pub group: Option<String>,
+    /// The address of node 0's listener for the collectives' star. Only
+    /// node 0 sets it, and only when the descriptors travel through the
+    /// caller's all-gather.
+    #[serde(default)]
+    pub collectives: Option<SocketAddr>,
 }
 
 impl Descriptor {
@@ -405,6 +414,8 @@ mod tests {
             tcp: Some(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 4000 + rank)),
             rdma: None,
             window_base: (rank == 0).then_some(0x7000_0000_0000),
+            group: None,
+            collectives: None,
         }
         .encode()
     }
@@ -490,5 +501,45 @@ mod tests {
         let err = check_table(&page, 3).unwrap_err().to_string();
         assert!(err.contains("page size"), "{err}");
         assert!(check_table(&[b"{".to_vec(), good[1].clone(), good[2].clone()], 3).is_err());
+    }
+
+    #[test]
+    fn descriptors_round_trip_with_and_without_rdma() {
+        let plain = Descriptor::decode(&descriptor(0, "2x1x1"), NodeId(0)).unwrap();
+        let with_rdma = Descriptor {
+            rdma: Some((0..=255).collect()),
+            group: Some("group".into()),
+            collectives: Some(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 5000)),
+            ..plain.clone()
+        };
+        for original in [plain, with_rdma] {
+            let bytes = original.encode();
+            assert_eq!(Descriptor::decode(&bytes, NodeId(0)).unwrap(), original);
+            for cut in 0..bytes.len() {
+                assert!(Descriptor::decode(&bytes[..cut], NodeId(0)).is_err(), "accepted a cut at {cut}");
+            }
+        }
+    }
+
+    #[test]
+    fn malformed_descriptors_are_errors() {
+        let text = String::from_utf8(descriptor(1, "2x1x1")).unwrap();
+        let cases = [
+            text.replace("\"rdma\":null", "\"rdma\":[256]"),
+            text.replace("\"rdma\":null", "\"rdma\":\"bytes\""),
+            text.replace("\"rdma\":null", "\"rdma\":[-1]"),
+            text.replace("\"rank\":1", "\"rank\":70000"),
+            text.replace("\"tcp\":\"127.0.0.1:4001\"", "\"tcp\":\"not an address\""),
+            "[]".into(),
+            "\u{0}\u{ff}".into(),
+        ];
+        for case in cases {
+            assert_ne!(case, text);
+            let err = Descriptor::decode(case.as_bytes(), NodeId(1)).unwrap_err().to_string();
+            assert!(err.contains("node 1's descriptor is malformed"), "{case}: {err}");
+        }
+        let old = text.replace(",\"group\":null,\"collectives\":null", "");
+        assert_ne!(old, text);
+        assert!(Descriptor::decode(old.as_bytes(), NodeId(1)).is_ok(), "{old}");
     }
 }

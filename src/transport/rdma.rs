@@ -31,6 +31,7 @@
 use std::ffi::CStr;
 use std::fmt;
 use std::ptr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -39,6 +40,8 @@ use rdma_sys::*;
 
 use crate::error::{Error, Result};
 use crate::topology::NodeId;
+use crate::layout::SegmentLayout;
+use crate::transport::shm::Segment;
 use crate::transport::{check_bounds, LocalView, Transport, TransportKind};
 
 /// Outstanding work requests per queue pair. One operation is in flight at a
@@ -838,6 +841,12 @@ pub struct RdmaTransport {
     links: Vec<Option<Mutex<Link>>>,
     /// Queue pairs created for each peer, waiting for `connect`.
     pending: Mutex<Vec<Option<QueuePair>>>,
+    /// The layout of `segment`, whose traffic row counts this node's
+    /// operations; `None` counts nothing.
+    counters: Option<SegmentLayout>,
+    /// The segment `own` registers, when the transport owns it. Declared
+    /// last, so it is unmapped only after `own` is deregistered.
+    segment: Option<Arc<Segment>>,
 }
 
 impl fmt::Debug for RdmaTransport {
@@ -882,7 +891,49 @@ impl RdmaTransport {
             own,
             links: (0..nodes).map(|_| None).collect(),
             pending: Mutex::new(pending),
+            counters: None,
+            segment: None,
         })
+    }
+
+    /// Opens this host's first RDMA device, registers `segment` and creates
+    /// a queue pair for every other node of a group of `nodes`. The
+    /// transport owns the segment, so it stays mapped as long as peers can
+    /// reach it. An error explains why this node cannot use RDMA.
+    pub fn for_segment(me: NodeId, segment: Arc<Segment>, nodes: usize) -> Result<RdmaTransport> {
+        let device = Device::open(me, None)?;
+        let len = usize::try_from(segment.len()).map_err(|_| Error::Transport {
+            node: me,
+            reason: format!("segment of {} bytes does not fit this machine's address space", segment.len()),
+            source: None,
+        })?;
+        let peers: Vec<NodeId> = (0..nodes).filter(|&n| n != me.index()).map(|n| NodeId(n as u16)).collect();
+        // SAFETY: the transport keeps an `Arc` of the segment, which stays
+        // mapped until the transport (and with it the region) is dropped.
+        let mut transport = unsafe { RdmaTransport::new(device, segment.as_ptr(), len, nodes, &peers) }?;
+        transport.segment = Some(segment);
+        Ok(transport)
+    }
+
+    /// Counts every operation in the traffic row of the segment that
+    /// [`for_segment`](Self::for_segment) registered, as the other backends
+    /// do. A transport made by [`new`](Self::new) counts nothing.
+    pub fn with_counters(mut self, layout: SegmentLayout) -> Self {
+        self.counters = Some(layout);
+        self
+    }
+
+    fn count(&self, dest: NodeId, bytes: u64) {
+        let (Some(own), Some(layout)) = (&self.segment, &self.counters) else { return };
+        let word = |offset: u64| {
+            // SAFETY: the traffic row lies in the header of our own segment,
+            // which `self` keeps mapped; the words are 8-byte aligned and
+            // only touched atomically.
+            unsafe { &*(own.as_ptr().add(offset as usize) as *const AtomicU64) }
+        };
+        // Relaxed: counters are statistics, read without ordering.
+        word(layout.traffic_bytes(dest)).fetch_add(bytes, Ordering::Relaxed);
+        word(layout.traffic_ops(dest)).fetch_add(1, Ordering::Relaxed);
     }
 
     /// Returns the endpoint to publish through the rendezvous.
@@ -976,6 +1027,7 @@ impl RdmaTransport {
         }
         let mut previous = 0;
         self.run(node, op, offset, 8, |_| {}, |b| previous = u64::from_ne_bytes(b.try_into().unwrap_or_default()))?;
+        self.count(node, 8);
         Ok(previous)
     }
 }
@@ -1009,6 +1061,7 @@ impl Transport for RdmaTransport {
             let len = chunk.len();
             self.run(node, RemoteOp::Read, at, len, |_| {}, |b| chunk.copy_from_slice(b))?;
         }
+        self.count(node, dst.len() as u64);
         Ok(())
     }
 
@@ -1017,6 +1070,7 @@ impl Transport for RdmaTransport {
             let at = offset + (i * BOUNCE_LEN) as u64;
             self.run(node, RemoteOp::Write, at, chunk.len(), |b| b.copy_from_slice(chunk), |_| {})?;
         }
+        self.count(node, src.len() as u64);
         Ok(())
     }
 
@@ -1176,5 +1230,56 @@ mod tests {
         // crash; on one with devices it names them.
         let names = device_names().unwrap();
         assert!(names.iter().all(|n| !n.is_empty()));
+    }
+
+    #[test]
+    fn endpoints_travel_in_descriptors() {
+        use crate::transport::hosts::Descriptor;
+        use crate::transport::rendezvous::Hello;
+
+        let endpoint = Endpoint {
+            lid: 7,
+            gid: [0x11; 16],
+            psn: 99,
+            qpns: vec![0, 17],
+            regions: vec![RemoteRegion { addr: 0x7f00_0000_0000, rkey: 5, len: 1 << 20 }],
+        };
+        let hello = Hello {
+            protocol: 1,
+            rank: 1,
+            size: 2,
+            mesh: "2x1x1".into(),
+            page_size: 4096,
+            window_size: 1 << 30,
+            segment_len: 1 << 20,
+            pid: 1,
+        };
+        let descriptor = Descriptor {
+            hello,
+            host: "host-1".into(),
+            tcp: None,
+            rdma: Some(endpoint.encode()),
+            window_base: None,
+            group: None,
+            collectives: None,
+        };
+        let back = Descriptor::decode(&descriptor.encode(), NodeId(1)).unwrap();
+        assert_eq!(Endpoint::decode(back.rdma.as_deref().unwrap()), Ok(endpoint));
+
+        let garbage = Descriptor { rdma: Some(vec![0xff; 5]), ..descriptor };
+        let back = Descriptor::decode(&garbage.encode(), NodeId(1)).unwrap();
+        let err = Endpoint::decode(back.rdma.as_deref().unwrap()).unwrap_err();
+        assert!(err.contains("needs 16 more at 2"), "{err}");
+    }
+
+    #[test]
+    fn transport_without_device_is_an_error() {
+        if !device_names().unwrap().is_empty() {
+            return;
+        }
+        let segment = Arc::new(Segment::create(NodeId(3), 1 << 16).unwrap());
+        let err = RdmaTransport::for_segment(NodeId(3), segment, 4).unwrap_err().to_string();
+        assert!(err.contains("node 3"), "{err}");
+        assert!(err.contains("no RDMA device"), "{err}");
     }
 }

@@ -96,14 +96,25 @@ pub fn host_id() -> String {
     format!("{}/{netns}", boot.trim())
 }
 
-/// Selects the transport from node `a` to node `b`.
+/// Selects the transport from node `a` to node `b` in this build.
 pub fn select(a: (NodeId, &Placement), b: (NodeId, &Placement), preference: Preference) -> Result<TransportKind> {
+    select_for_build(a, b, preference, cfg!(feature = "rdma"))
+}
+
+/// Selects the transport from node `a` to node `b`, with `rdma_built`
+/// standing for whether this build has the `rdma` feature.
+fn select_for_build(
+    a: (NodeId, &Placement),
+    b: (NodeId, &Placement),
+    preference: Preference,
+    rdma_built: bool,
+) -> Result<TransportKind> {
     let ((na, pa), (nb, pb)) = (a, b);
     let same_host = pa.host == pb.host;
     if na == nb || (same_host && preference == Preference::Auto) {
         return Ok(TransportKind::Shm);
     }
-    let rdma_usable = cfg!(feature = "rdma") && pa.rdma && pb.rdma;
+    let rdma_usable = rdma_built && pa.rdma && pb.rdma;
     let kind = match preference {
         Preference::Auto if rdma_usable => TransportKind::Rdma,
         Preference::Auto => TransportKind::Tcp,
@@ -115,10 +126,16 @@ pub fn select(a: (NodeId, &Placement), b: (NodeId, &Placement), preference: Pref
             "nodes {na} and {nb} are on different hosts ({} and {}); shared memory cannot join them, so use `auto` or `tcp`",
             pa.host, pb.host
         ))),
-        TransportKind::Rdma if !rdma_usable => Err(reject(format!(
-            "nodes {na} and {nb} cannot both use RDMA ({}); use `auto` or `tcp`",
-            if cfg!(feature = "rdma") { "one of them has no active RDMA device" } else { "this build lacks the `rdma` feature" }
-        ))),
+        TransportKind::Rdma if !rdma_usable => {
+            let lacking: Vec<String> =
+                [(na, pa), (nb, pb)].iter().filter(|(_, p)| !p.rdma).map(|(n, _)| format!("node {n}")).collect();
+            let missing = if !rdma_built {
+                "this build lacks the `rdma` feature".to_string()
+            } else {
+                format!("{} opened no RDMA device with an active port", lacking.join(" and "))
+            };
+            Err(reject(format!("nodes {na} and {nb} cannot use RDMA because {missing}; use `auto` or `tcp`")))
+        }
         kind => Ok(kind),
     }
 }
@@ -126,6 +143,10 @@ pub fn select(a: (NodeId, &Placement), b: (NodeId, &Placement), preference: Pref
 /// Selects the transport of every pair: `plan[a][b]` carries `a`'s
 /// operations on `b`'s segment.
 pub fn plan(nodes: &[Placement], preference: Preference) -> Result<Vec<Vec<TransportKind>>> {
+    plan_for_build(nodes, preference, cfg!(feature = "rdma"))
+}
+
+fn plan_for_build(nodes: &[Placement], preference: Preference, rdma_built: bool) -> Result<Vec<Vec<TransportKind>>> {
     nodes
         .iter()
         .enumerate()
@@ -133,7 +154,7 @@ pub fn plan(nodes: &[Placement], preference: Preference) -> Result<Vec<Vec<Trans
             nodes
                 .iter()
                 .enumerate()
-                .map(|(b, pb)| select((NodeId(a as u16), pa), (NodeId(b as u16), pb), preference))
+                .map(|(b, pb)| select_for_build((NodeId(a as u16), pa), (NodeId(b as u16), pb), preference, rdma_built))
                 .collect()
         })
         .collect()
@@ -297,14 +318,54 @@ mod tests {
     #[test]
     fn selection_prefers_shm_then_rdma_then_tcp() {
         let nodes = [at("a", true), at("a", false), at("b", true), at("c", false)];
-        let plan = plan(&nodes, Preference::Auto).unwrap();
-        assert_eq!(plan[0][0], TransportKind::Shm);
-        assert_eq!(plan[0][1], TransportKind::Shm);
+        for rdma_built in [false, true] {
+            let plan = plan_for_build(&nodes, Preference::Auto, rdma_built).unwrap();
+            assert_eq!(plan[0][0], TransportKind::Shm);
+            assert_eq!(plan[0][1], TransportKind::Shm);
+            let expected = if rdma_built { TransportKind::Rdma } else { TransportKind::Tcp };
+            assert_eq!(plan[0][2], expected);
+            assert_eq!(plan[2][0], expected);
+            assert_eq!(plan[1][2], TransportKind::Tcp);
+            assert_eq!(plan[2][3], TransportKind::Tcp);
+            assert_eq!(plan[3][3], TransportKind::Shm);
+        }
         let expected = if cfg!(feature = "rdma") { TransportKind::Rdma } else { TransportKind::Tcp };
-        assert_eq!(plan[0][2], expected);
-        assert_eq!(plan[1][2], TransportKind::Tcp);
-        assert_eq!(plan[2][3], TransportKind::Tcp);
-        assert_eq!(plan[3][3], TransportKind::Shm);
+        assert_eq!(plan(&nodes, Preference::Auto).unwrap()[0][2], expected);
+    }
+
+    /// Every combination of build, device on either side, host and
+    /// preference, against the rules of the module docs.
+    #[test]
+    fn selection_table_covers_every_combination() {
+        use TransportKind::{Rdma, Shm, Tcp};
+        let preferences = [Preference::Auto, Preference::Force(Shm), Preference::Force(Tcp), Preference::Force(Rdma)];
+        for rdma_built in [false, true] {
+            for (rdma_a, rdma_b) in [(false, false), (false, true), (true, false), (true, true)] {
+                for same_host in [false, true] {
+                    for preference in preferences {
+                        let a = at("a", rdma_a);
+                        let b = at(if same_host { "a" } else { "b" }, rdma_b);
+                        let got = select_for_build((NodeId(0), &a), (NodeId(1), &b), preference, rdma_built);
+                        let usable = rdma_built && rdma_a && rdma_b;
+                        let case = format!("built {rdma_built}, devices {rdma_a}/{rdma_b}, same host {same_host}, {preference}");
+                        let expected = match preference {
+                            Preference::Auto if same_host => Some(Shm),
+                            Preference::Auto => Some(if usable { Rdma } else { Tcp }),
+                            Preference::Force(Shm) => same_host.then_some(Shm),
+                            Preference::Force(Rdma) => usable.then_some(Rdma),
+                            Preference::Force(kind) => Some(kind),
+                        };
+                        match (expected, got) {
+                            (Some(kind), Ok(got)) => assert_eq!(got, kind, "{case}"),
+                            (None, Err(e)) => assert!(e.to_string().contains("nodes 0 and 1"), "{case}: {e}"),
+                            (expected, got) => panic!("{case}: expected {expected:?}, got {got:?}"),
+                        }
+                        let itself = select_for_build((NodeId(0), &a), (NodeId(0), &a), preference, rdma_built);
+                        assert_eq!(itself.unwrap(), Shm, "{case}");
+                    }
+                }
+            }
+        }
     }
 
     #[test]
@@ -317,8 +378,21 @@ mod tests {
 
         let err = super::plan(&nodes, Preference::Force(TransportKind::Shm)).unwrap_err().to_string();
         assert!(err.contains("nodes 0 and 2 are on different hosts"), "{err}");
-        let err = super::plan(&[at("a", false), at("b", true)], Preference::Force(TransportKind::Rdma)).unwrap_err();
-        assert!(err.to_string().contains("cannot both use RDMA"), "{err}");
+    }
+
+    #[test]
+    fn forced_rdma_error_names_node() {
+        let force = Preference::Force(TransportKind::Rdma);
+        let err = plan_for_build(&[at("a", false), at("b", true)], force, true).unwrap_err().to_string();
+        assert!(err.contains("MESHMEM_TRANSPORT = `rdma`"), "{err}");
+        assert!(err.contains("node 0 opened no RDMA device with an active port"), "{err}");
+        let err = plan_for_build(&[at("a", true), at("b", false), at("c", false)], force, true).unwrap_err();
+        assert!(err.to_string().contains("nodes 0 and 1 cannot use RDMA because node 1 opened no"), "{err}");
+        let err = plan_for_build(&[at("a", false), at("b", false)], force, true).unwrap_err();
+        assert!(err.to_string().contains("node 0 and node 1 opened no RDMA device"), "{err}");
+        let err = plan_for_build(&[at("a", true), at("b", true)], force, false).unwrap_err();
+        assert!(err.to_string().contains("this build lacks the `rdma` feature"), "{err}");
+        assert!(plan_for_build(&[at("a", true), at("b", true)], force, true).is_ok());
     }
 
     #[test]

@@ -337,7 +337,10 @@ class Pool:
     set it) overridden by the keyword arguments. With ``allgather``, a
     function taking this node's bytes and returning every node's bytes in
     rank order (concatenated or as a list), the nodes first agree on the
-    group id and check each other's configuration through it; see
+    group id and check each other's configuration through it. When
+    ``MESHMEM_SECRET`` is set the group spans hosts, and ``allgather``
+    carries the multi-host descriptors instead, so no rendezvous server is
+    started at ``MASTER_ADDR:MASTER_PORT``; see
     ``meshmem_join_with_allgather`` in meshmem.h."""
 
     def __init__(self, *, rank=None, size=None, mesh=None, group=None, page_size=None,

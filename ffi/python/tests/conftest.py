@@ -17,14 +17,18 @@ NODE_MAIN = Path(__file__).resolve().parent / "node_main.py"
 os.environ.setdefault("MESHMEM_PAGE_SIZE", "64K")
 
 
-def run_group(scenario, mesh="2x2x1", timeout=240):
-    """Runs node_main.py SCENARIO on every node of `mesh` and returns the
-    launcher's output; fails with it unless every node passed. On a timeout
-    the launcher gets SIGTERM, which stops and reaps its nodes."""
+def run_group(scenario, mesh="2x2x1", timeout=240, hosts=None):
+    """Runs node_main.py SCENARIO on every node of `mesh`, on `hosts`
+    simulated hosts when given, and returns the launcher's output. Fails with
+    that output unless every node passed. On a timeout the launcher gets
+    SIGTERM, which stops and reaps its nodes and deletes its namespaces."""
     if not LAUNCHER.exists():
         pytest.fail(f"{LAUNCHER} is missing; build it with `cargo build`")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(NODE_MAIN.parents[1]), os.environ.get("PYTHONPATH")])))
-    command = [str(LAUNCHER), "run", "--mesh", mesh, "--env", "MESHMEM_PAGE_SIZE=64K", "--", sys.executable, str(NODE_MAIN), scenario]
+    command = [str(LAUNCHER), "run", "--mesh", mesh, "--env", "MESHMEM_PAGE_SIZE=64K"]
+    if hosts is not None:
+        command += ["--hosts", str(hosts)]
+    command += ["--", sys.executable, str(NODE_MAIN), scenario]
     launcher = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         output, _ = launcher.communicate(timeout=timeout)

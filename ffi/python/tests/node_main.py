@@ -117,7 +117,16 @@ def extension(pool):
 def allgather():
     import torch.distributed as dist
 
-    os.environ.pop("MESHMEM_GROUP")  # the callback agrees on one instead
+    os.environ.pop("MESHMEM_GROUP", None)  # the callback agrees on one instead
+    host_addr = os.environ.get("MESHMEM_HOST_ADDR", "127.0.0.1")
+    if not host_addr.startswith("127."):
+        # On a simulated host gloo would pick loopback; point it at the
+        # interface that carries this host's address.
+        import subprocess
+
+        listing = subprocess.run(["ip", "-o", "-4", "addr", "show"], capture_output=True, text=True, check=True).stdout
+        interface = next(line.split()[1] for line in listing.splitlines() if f" {host_addr}/" in line)
+        os.environ["GLOO_SOCKET_IFNAME"] = interface
     dist.init_process_group("gloo", rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
     pool = meshmem.Pool(allgather=meshmem.torch_allgather(), page_size=65536)
     assert pool.node == dist.get_rank()
