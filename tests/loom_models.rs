@@ -766,3 +766,180 @@ fn fault_mapping_is_write_protected_by_a_migration() {
 fn api_mapping_is_write_protected_by_a_migration() {
     slot_lock_against_protect(true);
 }
+
+/// A node's frame free map with two frames (`Frames::reserve`,
+/// `Frames::claim`, `Frames::release`): the free counter is lowered with a
+/// compare-exchange loop before bits are claimed with `fetch_or`, and a
+/// release clears the bit before it raises the counter.
+struct FrameMap {
+    free: AtomicU64,
+    bits: AtomicU64,
+}
+
+impl FrameMap {
+    fn reserve(&self) -> bool {
+        let mut current = self.free.load(Ordering::Acquire);
+        loop {
+            if current == 0 {
+                return false;
+            }
+            match self.free.compare_exchange(current, current - 1, Ordering::SeqCst, Ordering::SeqCst) {
+                Ok(_) => return true,
+                Err(actual) => current = actual,
+            }
+        }
+    }
+
+    /// Claims the lowest clear bit; the reservation guarantees one.
+    fn claim(&self) -> u64 {
+        loop {
+            let current = self.bits.load(Ordering::Acquire);
+            let wanted = !current & (current + 1);
+            assert!(wanted & 0b11 != 0, "a reservation found no clear bit: {current:#b}");
+            let previous = self.bits.fetch_or(wanted, Ordering::SeqCst);
+            if previous & wanted == 0 {
+                return wanted.trailing_zeros() as u64;
+            }
+        }
+    }
+
+    fn release(&self, frame: u64) {
+        let previous = self.bits.fetch_and(!(1 << frame), Ordering::SeqCst);
+        assert!(previous & (1 << frame) != 0, "frame {frame} was released while free");
+        self.free.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// Three nodes take frames of one node with two frames while a fourth
+/// returns one it held: no frame is handed out twice, a taker that finds
+/// the counter at zero gets nothing, and the counter and the map agree at
+/// the end (`Frames::validate`).
+#[test]
+fn frame_map_hands_out_each_frame_once() {
+    let mut builder = loom::model::Builder::new();
+    // Three threads with retry loops; unbounded, the model runs for minutes.
+    builder.preemption_bound.get_or_insert(2);
+    builder.check(|| {
+        // Frame 0 is held by the releasing thread from the start.
+        let map = Arc::new(FrameMap { free: AtomicU64::new(1), bits: AtomicU64::new(0b01) });
+        let held = Arc::new(Mutex::new(Vec::new()));
+        let takers: Vec<_> = (0..2)
+            .map(|_| {
+                let (map, held) = (map.clone(), held.clone());
+                thread::spawn(move || {
+                    if map.reserve() {
+                        let frame = map.claim();
+                        let mut held = held.lock().unwrap();
+                        assert!(!held.contains(&frame), "frame {frame} handed out twice");
+                        held.push(frame);
+                    }
+                })
+            })
+            .collect();
+        let releaser = {
+            let map = map.clone();
+            thread::spawn(move || map.release(0))
+        };
+        for taker in takers {
+            taker.join().unwrap();
+        }
+        releaser.join().unwrap();
+        let used = map.bits.load(Ordering::SeqCst).count_ones() as u64;
+        let free = map.free.load(Ordering::SeqCst);
+        assert_eq!(used + free, 2, "the counter and the map disagree");
+        assert_eq!(used, held.lock().unwrap().len() as u64);
+    });
+}
+
+/// A slab of two blocks (`Slab::claim`, `Slab::collect`, `free_block`):
+/// the owner thread hands out blocks with plain loads and stores on the
+/// allocation map; another node frees a block by setting its bit in the
+/// remote-free map with `fetch_or`, after checking that it is allocated and
+/// not already freed; the owner collects remote frees with `swap(0)`.
+struct SlabModel {
+    allocated: AtomicU64,
+    remote: AtomicU64,
+    /// The blocks' contents: the owner writes a block it hands out, and the
+    /// remote freer reads its last value before it frees it.
+    blocks: [UnsafeCell<u64>; 2],
+}
+
+impl SlabModel {
+    fn claim(&self) -> Option<usize> {
+        let current = self.allocated.load(Ordering::Relaxed);
+        if current & 0b11 == 0b11 {
+            return None;
+        }
+        let bit = (!current).trailing_zeros() as usize;
+        self.allocated.store(current | 1 << bit, Ordering::Release);
+        Some(bit)
+    }
+
+    fn collect(&self) {
+        if self.remote.load(Ordering::Acquire) != 0 {
+            let freed = self.remote.swap(0, Ordering::AcqRel);
+            let current = self.allocated.load(Ordering::Relaxed);
+            self.allocated.store(current & !freed, Ordering::Release);
+        }
+    }
+
+    /// `free_block` from a thread that is not the owner; returns false for a
+    /// double free.
+    fn free_remote(&self, block: usize) -> bool {
+        let bit = 1u64 << block;
+        if self.allocated.load(Ordering::Acquire) & bit == 0 || self.remote.load(Ordering::Acquire) & bit != 0 {
+            return false;
+        }
+        self.remote.fetch_or(bit, Ordering::AcqRel) & bit == 0
+    }
+}
+
+/// The owner hands block 0 to another node, which uses and frees it
+/// remotely; meanwhile the owner allocates again, collecting remote frees
+/// when the slab is full. A block is never handed out twice, nor while its
+/// previous holder still uses it (loom checks the contents for data
+/// races). A second free of the block is not modelled: raced against the
+/// owner's collect it can pass the checks, which `free_block` notes.
+#[test]
+fn slab_remote_free_never_hands_a_block_out_twice() {
+    let mut builder = loom::model::Builder::new();
+    builder.preemption_bound.get_or_insert(3);
+    builder.check(|| {
+        let slab = Arc::new(SlabModel {
+            allocated: AtomicU64::new(0),
+            remote: AtomicU64::new(0),
+            blocks: [UnsafeCell::new(0), UnsafeCell::new(0)],
+        });
+        let first = slab.claim().expect("an empty slab has a block");
+        // SAFETY (model): the owner holds the block it just claimed.
+        slab.blocks[first].with_mut(|b| unsafe { *b = 7 });
+
+        let remote = {
+            let slab = slab.clone();
+            thread::spawn(move || {
+                // The block reached this node through a published address.
+                let seen = slab.blocks[first].with(|b| unsafe { *b });
+                assert_eq!(seen, 7);
+                assert!(slab.free_remote(first), "the free was refused");
+            })
+        };
+
+        // The owner allocates until it gets a block, collecting remote
+        // frees whenever the slab is full.
+        let mut got = Vec::new();
+        for _ in 0..3 {
+            match slab.claim() {
+                Some(block) => {
+                    slab.blocks[block].with_mut(|b| unsafe { *b = 9 });
+                    got.push(block);
+                }
+                None => slab.collect(),
+            }
+        }
+        remote.join().unwrap();
+        let mut unique = got.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(unique.len(), got.len(), "a block was handed out twice: {got:?}");
+    });
+}

@@ -265,6 +265,14 @@ impl Slab {
 
 /// Frees the block at `offset` of the slab page with `geometry` held at
 /// `page_offset` of `home`'s segment. Any thread of any node may call this.
+///
+/// NOTE: a second free from another thread is refused when it comes after
+/// the first, but one that races with the owner collecting the first free
+/// can pass both checks (it read the allocation bit before the owner
+/// cleared it, and the remote-free bit after). Its bit then stays in the
+/// remote-free map and may release the block's next allocation early. A
+/// sequence counter per block would close this at the cost of a word per
+/// block.
 #[inline]
 pub fn free_block(words: &Words, home: NodeId, page_offset: u64, geometry: &Geometry, addr: u64, offset: u64) -> Result<()> {
     let index = geometry.block_index(offset).map_err(|reason| Error::InvalidFree { addr, reason })?;
