@@ -341,6 +341,11 @@ typedef struct meshmem_node_stats {
    Address space given up because an arena's extent list was full.
    */
   uint64_t leaked_pages;
+  /*
+   Bytes of this node's frames that contain replicas of read-mostly
+   pages homed elsewhere; part of `used_bytes`.
+   */
+  uint64_t replica_bytes;
 } meshmem_node_stats;
 
 #ifdef __cplusplus

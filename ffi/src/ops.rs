@@ -101,6 +101,9 @@ pub struct meshmem_node_stats {
     pub hop_bytes: u64,
     /// Address space given up because an arena's extent list was full.
     pub leaked_pages: u64,
+    /// Bytes of this node's frames that contain replicas of read-mostly
+    /// pages homed elsewhere; part of `used_bytes`.
+    pub replica_bytes: u64,
 }
 
 fn node_id(value: u32, name: &str) -> Outcome<NodeId> {
@@ -587,6 +590,7 @@ pub unsafe extern "C" fn meshmem_stats(
                 bytes_remote: s.bytes_remote,
                 hop_bytes: s.hop_bytes,
                 leaked_pages: s.leaked_pages,
+                replica_bytes: s.replica_bytes,
             };
         }
         Ok(())

@@ -26,7 +26,7 @@ mod migrate;
 mod span;
 pub use migrate::Prefetch;
 use crate::topology::{Coord, Mesh3d, NodeId};
-use crate::transport::rendezvous::{self, Group, Hello, PROTOCOL};
+use crate::transport::rendezvous::{self, Group, Hello};
 use crate::transport::shm::{Segment, ShmTransport};
 use crate::transport::{Transport, TransportKind};
 
@@ -214,16 +214,7 @@ impl Pool {
         // other process has its descriptor yet.
         unsafe { layout.initialise(own.as_ptr(), me) };
 
-        let hello = Hello {
-            protocol: PROTOCOL,
-            rank: resolved.rank,
-            size: resolved.size,
-            mesh: resolved.mesh.to_string(),
-            page_size: resolved.page_size,
-            window_size: resolved.window_size,
-            segment_len: layout.len,
-            pid: std::process::id(),
-        };
+        let hello = Hello::new(&resolved, layout.len);
         let mut window = None;
         let joined = rendezvous::join(&resolved.group, &hello, own.fd(), resolved.join_timeout, |base| {
             let reserved = Window::reserve(base.or(resolved.window_base), resolved.window_size, resolved.page_size)?;

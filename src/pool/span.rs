@@ -49,7 +49,7 @@ use crate::layout::SegmentLayout;
 use crate::space::Window;
 use crate::topology::NodeId;
 use crate::transport::hosts::{self, Descriptor, RendezvousConfig, RendezvousServer};
-use crate::transport::rendezvous::{self, Group, Hello, PROTOCOL};
+use crate::transport::rendezvous::{self, Group, Hello};
 use crate::transport::select::{self, Placement, Preference};
 use crate::transport::shm::{Segment, ShmTransport};
 use crate::transport::tcp::{Served, ServerConfig, TcpServer, TcpTransport, Timeouts};
@@ -121,16 +121,7 @@ pub(super) fn join(resolved: &Resolved, config: &HostsConfig, allgather: Option<
     };
 
     // Phase 3.
-    let hello = Hello {
-        protocol: PROTOCOL,
-        rank: resolved.rank,
-        size: resolved.size,
-        mesh: resolved.mesh.to_string(),
-        page_size: resolved.page_size,
-        window_size: resolved.window_size,
-        segment_len: layout.len,
-        pid: std::process::id(),
-    };
+    let hello = Hello::new(resolved, layout.len);
     let host = select::host_id();
     let mine = Descriptor {
         hello: hello.clone(),

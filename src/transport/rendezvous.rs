@@ -51,6 +51,23 @@ pub struct Hello {
     pub pid: u32,
 }
 
+impl Hello {
+    /// Describes this process's node of a group with `resolved`'s geometry
+    /// and a segment of `segment_len` bytes.
+    pub(crate) fn new(resolved: &crate::config::Resolved, segment_len: u64) -> Hello {
+        Hello {
+            protocol: PROTOCOL,
+            rank: resolved.rank,
+            size: resolved.size,
+            mesh: resolved.mesh.to_string(),
+            page_size: resolved.page_size,
+            window_size: resolved.window_size,
+            segment_len,
+            pid: std::process::id(),
+        }
+    }
+}
+
 /// Version of the handshake messages.
 pub const PROTOCOL: u32 = 1;
 

@@ -311,7 +311,7 @@ class Buffer:
 
 NodeStats = namedtuple(
     "NodeStats",
-    "node coord capacity_bytes used_bytes frames_total frames_used bytes_local bytes_remote hop_bytes leaked_pages",
+    "node coord capacity_bytes used_bytes frames_total frames_used bytes_local bytes_remote hop_bytes leaked_pages replica_bytes",
 )
 
 
@@ -502,7 +502,8 @@ class Pool:
         _check(lib.meshmem_stats(self._handle, nodes, len(nodes), ctypes.byref(count)))
         return [
             NodeStats(s.node, (s.coord.x, s.coord.y, s.coord.z), s.capacity_bytes, s.used_bytes, s.frames_total,
-                      s.frames_used, s.bytes_local, s.bytes_remote, s.hop_bytes, s.leaked_pages)
+                      s.frames_used, s.bytes_local, s.bytes_remote, s.hop_bytes, s.leaked_pages,
+                      s.replica_bytes)
             for s in nodes[:count.value]
         ]
 

@@ -77,6 +77,7 @@ class meshmem_node_stats(ctypes.Structure):
         ("bytes_remote", ctypes.c_uint64),
         ("hop_bytes", ctypes.c_uint64),
         ("leaked_pages", ctypes.c_uint64),
+        ("replica_bytes", ctypes.c_uint64),
     ]
 
 

@@ -28,6 +28,9 @@ def test_queries(pool):
     assert (pool.node, pool.size, pool.mesh, pool.page_size) == (0, 1, (1, 1, 1, False), 65536)
     assert pool.coord() == (0, 0, 0)
     assert pool.hops(0, 0) == 0
+    stats = pool.stats()[0]
+    assert stats.replica_bytes == 0
+    assert stats.capacity_bytes == 64 << 20
     assert pool.all_gather(b"abc") == [b"abc"]
 
 
