@@ -1,5 +1,5 @@
-//! How a node joins: rank, group size, mesh, geometry and limits, from code
-//! or from the launcher's environment.
+//! The configuration a node joins with: rank, group size, mesh, geometry
+//! and limits, from code or from the launcher's environment.
 //!
 //! Rank and size come from the first launcher convention present:
 //! meshmem's own launcher and torchrun (`RANK`, `WORLD_SIZE`), Open MPI
@@ -46,7 +46,7 @@ pub const MIN_PAGE_SIZE: usize = 4096;
 /// The largest page size: 1 GiB, the largest x86-64 huge page.
 pub const MAX_PAGE_SIZE: usize = 1 << 30;
 
-/// How a node joins its group.
+/// The configuration a node joins its group with.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
     /// This node's id; from the environment when `None`.
@@ -64,7 +64,8 @@ pub struct Config {
     /// Bytes of address space reserved for the window. Each node's arena
     /// gets the largest power of two of pages that fits its share.
     pub window_size: u64,
-    /// Where node 0 reserves the window; the kernel picks when `None`.
+    /// The address at which node 0 reserves the window; chosen at join when
+    /// `None`.
     pub window_base: Option<u64>,
     /// How long `join` waits for the other nodes.
     pub join_timeout: Duration,
@@ -360,7 +361,8 @@ mod tests {
         assert_eq!(parse_bytes("x", "1g").unwrap(), 1 << 30);
         for bad in ["", "K", "1.5G", "12Q", "99999999999T"] {
             let err = parse_bytes("MESHMEM_NODE_CAPACITY", bad).unwrap_err().to_string();
-            assert!(err.contains("MESHMEM_NODE_CAPACITY") && err.contains(&format!("`{bad}`")), "{err}");
+            assert!(err.contains("MESHMEM_NODE_CAPACITY"), "{err}");
+            assert!(err.contains(&format!("`{bad}`")), "{err}");
         }
     }
 
@@ -370,14 +372,17 @@ mod tests {
         let err = config.resolve().unwrap_err();
         assert!(matches!(err, Error::MeshSizeMismatch { .. }), "{err}");
         let text = err.to_string();
-        assert!(text.contains("2x2x2") && text.contains("8 nodes") && text.contains("4"), "{text}");
+        assert!(text.contains("2x2x2"), "{text}");
+        assert!(text.contains("8 nodes"), "{text}");
+        assert!(text.contains("group has 4"), "{text}");
     }
 
     #[test]
     fn rank_outside_mesh_is_rejected() {
         let config = Config { rank: Some(8), size: Some(8), mesh: Some("2x2x2".parse().unwrap()), ..Config::default() };
         let err = config.resolve().unwrap_err().to_string();
-        assert!(err.contains("node 8") && err.contains("2x2x2"), "{err}");
+        assert!(err.contains("node 8"), "{err}");
+        assert!(err.contains("2x2x2"), "{err}");
     }
 
     #[test]
@@ -385,7 +390,8 @@ mod tests {
         for page_size in [0, 1000, 2048, 3 << 20, 2 << 30] {
             let config = Config { page_size, ..Config::default() };
             let err = config.resolve().unwrap_err().to_string();
-            assert!(err.contains("page_size") && err.contains(&page_size.to_string()), "{err}");
+            assert!(err.contains("page_size"), "{err}");
+            assert!(err.contains(&page_size.to_string()), "{err}");
         }
     }
 
@@ -393,7 +399,8 @@ mod tests {
     fn capacity_below_a_page_is_rejected() {
         let config = Config { node_capacity: 4096, ..Config::default() };
         let err = config.resolve().unwrap_err().to_string();
-        assert!(err.contains("node_capacity") && err.contains("4096"), "{err}");
+        assert!(err.contains("node_capacity"), "{err}");
+        assert!(err.contains("4096"), "{err}");
     }
 
     #[test]

@@ -160,7 +160,7 @@ impl<'a> ReplicaTable<'a> {
             }
         }
         // The table has twice as many slots as the node has frames, and each
-        // entry holds a frame, so this means the table is corrupt.
+        // entry owns a frame, so this means the table is corrupt.
         Err(crate::error::Error::Corrupt {
             node: self.node,
             reason: format!("its replica table of {} slots has no free slot", self.layout.replica_slots),

@@ -107,13 +107,13 @@ impl Pte {
         (self.0 >> Self::VERSION_SHIFT) & Self::VERSION_MASK
     }
 
-    /// Whether a migration is moving the page.
+    /// Returns whether a migration is moving the page.
     #[inline]
     pub fn is_migrating(self) -> bool {
         self.0 & Self::MIGRATING != 0
     }
 
-    /// The entry with the migrating bit set or cleared.
+    /// Returns the entry with the migrating bit set or cleared.
     pub fn with_migrating(self, migrating: bool) -> Pte {
         if migrating {
             Pte(self.0 | Self::MIGRATING)
@@ -127,7 +127,7 @@ impl Pte {
         ((self.0 >> Self::ADVICE_SHIFT) & Self::ADVICE_MASK) as u8
     }
 
-    /// The entry with its advice bits replaced.
+    /// Returns the entry with its advice bits replaced.
     pub fn with_advice(self, advice: u8) -> Pte {
         Pte((self.0 & !(Self::ADVICE_MASK << Self::ADVICE_SHIFT)) | ((advice as u64 & Self::ADVICE_MASK) << Self::ADVICE_SHIFT))
     }
@@ -218,8 +218,8 @@ impl PageTable {
         &self.words
     }
 
-    /// The node whose arena holds global page `page`, and the page's index
-    /// in that arena.
+    /// Returns the node whose arena contains global page `page`, and the
+    /// page's index in that arena.
     #[inline]
     pub fn owner(&self, page: u64) -> Option<(NodeId, u64)> {
         let node = page >> self.arena_shift;
@@ -586,7 +586,7 @@ impl Window {
     }
 
     /// Replaces one page's mapping with the window's `PROT_NONE` reservation.
-    /// The caller holds the page's slot.
+    /// The caller has locked the page's slot.
     fn reserve_page(&self, page: u64) {
         let addr = self.page_addr(page);
         // SAFETY: as in `map_run`; the replacement is the same reservation the

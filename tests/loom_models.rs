@@ -901,7 +901,7 @@ impl SlabModel {
 /// races). A second free of the block is not modelled: raced against the
 /// owner's collect it can pass the checks, which `free_block` notes.
 #[test]
-fn slab_remote_free_never_hands_a_block_out_twice() {
+fn slab_hands_out_each_block_once() {
     let mut builder = loom::model::Builder::new();
     builder.preemption_bound.get_or_insert(3);
     builder.check(|| {

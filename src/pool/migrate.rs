@@ -9,7 +9,7 @@
 //!   itself when done. A migrator first marks the pages migrating, then
 //!   advances every node's epoch and waits until the previous epoch's
 //!   counter drains: an operation that could have translated an address to
-//!   the old frame has finished, and every later one sees the mark and
+//!   the old frame has finished, and every later one loads the mark and
 //!   waits for the migration.
 //! - The service thread. Each node process runs one thread that sleeps on a
 //!   futex in its header and carries out mapping requests from a migrator:

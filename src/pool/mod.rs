@@ -414,23 +414,6 @@ impl Pool {
         Ok(())
     }
 
-    /// Translates `addr` to its home node and the offset in that node's
-    /// segment, checking that its page is allocated.
-    #[inline]
-    fn translate(&self, addr: u64) -> Result<(NodeId, u64, Pte)> {
-        let page = self.window.page_of(addr);
-        let pte = self.heap.table.load_pte_seqcst(page)?;
-        if !pte.is_valid() || pte.is_migrating() {
-            return Err(Error::InvalidAddress {
-                addr,
-                end: addr + 1,
-                reason: "its page is not allocated".into(),
-            });
-        }
-        let offset = self.layout.frame_offset(pte.frame()) + (addr - self.window.page_addr(page));
-        Ok((pte.home(), offset, pte))
-    }
-
     /// Splits `len` bytes at `addr` into per-page pieces and applies `op` to
     /// each with its home, segment offset and position in the range. Each
     /// piece runs as a counted operation; a piece whose page is migrating
@@ -554,22 +537,16 @@ impl Pool {
         if addr.0 % 8 != 0 {
             return Err(Error::Unaligned { addr: addr.0 });
         }
-        self.window.check(addr.0, 8)?;
-        loop {
-            let guard = migrate::enter(&self.heap.words, self.me);
-            let page = self.window.page_of(addr.0);
-            if self.heap.table.load_pte_seqcst(page)?.is_migrating() {
-                drop(guard);
-                migrate::wait_while_migrating(self, page)?;
-                continue;
+        // An aligned word lies in one page, so this is one piece.
+        let mut outcome = None;
+        self.for_each_piece(addr, 8, |piece, _| {
+            outcome = Some(op(piece.pte.home(), piece.offset)?);
+            if piece.is_read_mostly() {
+                self.invalidate_replicas(piece.page)?;
             }
-            let (home, offset, pte) = self.translate(addr.0)?;
-            let outcome = op(home, offset)?;
-            if pte.advice() & crate::coherence::bits::READ_MOSTLY != 0 {
-                self.invalidate_replicas(page)?;
-            }
-            return Ok(outcome);
-        }
+            Ok(())
+        })?;
+        outcome.ok_or(Error::InvalidAddress { addr: addr.0, end: addr.0 + 8, reason: "the word spans no page".into() })
     }
 
     /// Adds `value` to the 64-bit word at `addr` and returns its old value.
@@ -820,9 +797,14 @@ impl Pool {
     }
 
     /// Returns the home node of the page that contains `addr`.
+    /// A page being migrated reports its new home once the move is done.
     pub fn home_of(&self, addr: GlobalAddr) -> Result<NodeId> {
-        self.window.check(addr.0, 1)?;
-        Ok(self.translate(addr.0)?.0)
+        let mut home = None;
+        self.for_each_piece(addr, 1, |piece, _| {
+            home = Some(piece.pte.home());
+            Ok(())
+        })?;
+        home.ok_or(Error::InvalidAddress { addr: addr.0, end: addr.0 + 1, reason: "no page contains it".into() })
     }
 
     /// Waits until every node of the group has called `barrier`.
