@@ -61,7 +61,13 @@ fn run_group(scenario: &str, hosts: usize, nodes: usize, mesh: &str, extra: impl
     let set = SimulatedHosts::create(hosts).expect("create the simulated hosts");
     let exe = std::env::current_exe().expect("the test binary's path");
     let logs = std::env::temp_dir();
-    let log = |rank: usize| -> PathBuf { logs.join(format!("meshmem-hosts-{}-{scenario}-{rank}.log", std::process::id())) };
+    // Tests of this binary run in parallel, several with the same scenario,
+    // so each run gets its own log files.
+    static RUNS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let log = |rank: usize| -> PathBuf {
+        logs.join(format!("meshmem-hosts-{}-{run}-{scenario}-{rank}.log", std::process::id()))
+    };
     let per_host = nodes.div_ceil(hosts);
     let mut children = Children(Vec::new());
     for rank in 0..nodes {
@@ -74,7 +80,7 @@ fn run_group(scenario: &str, hosts: usize, nodes: usize, mesh: &str, extra: impl
             .env("RANK", rank.to_string())
             .env("WORLD_SIZE", nodes.to_string())
             .env("MESHMEM_MESH", mesh)
-            .env("MESHMEM_GROUP", format!("hosts-{scenario}-{}", std::process::id()))
+            .env("MESHMEM_GROUP", format!("hosts-{scenario}-{}-{run}", std::process::id()))
             .env("MESHMEM_PAGE_SIZE", "64K")
             .env("MESHMEM_NODE_CAPACITY", "4M")
             .env("MESHMEM_WINDOW_SIZE", "1G")
